@@ -1,0 +1,687 @@
+"""Shared plumbing for the single-file RLVR trainers: loading, tasks, verification, sampling, log-probs.
+
+Every method file (grpo.py, dph_rl.py, ...) imports from here and nothing else of ours. Everything here is a
+plain function or a small class with no module-level state, and no function edits a caller's tensors.
+
+Shape legend used in every file:
+  P = prompts per step, G = group size (samples per prompt), B = P * G sequences,
+  Tp = prompt tokens (left-padded), T = response tokens (right-padded), V = vocabulary, H = hidden size.
+"""
+import contextlib
+import json
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks: a built-in generator per family, and JSONL / hub data for math
+# ---------------------------------------------------------------------------------------------------------------
+MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass(frozen=True)
+class Example:
+    kind: str  # "countdown" | "arithmetic" | "math": picks the verifier
+    prompt: str  # plain-text prompt, used when the tokenizer has no chat template (the tiny model)
+    question: str  # natural-language question, used inside a chat template
+    gold: str  # countdown "7,1,5->3"; arithmetic "82"; math the final answer
+    solution: str = ""  # a worked solution rendered as a response the verifier accepts ("" if none)
+
+
+def make_countdown(n: int, seed: int, n_numbers: int = 3) -> list:
+    """Countdown: use each digit exactly once with + - * to hit the target (evaluated with Python precedence)."""
+    rng, out, seen = np.random.default_rng(seed), [], set()
+    while len(out) < n:
+        nums = [int(x) for x in rng.integers(1, 10, size=n_numbers)]
+        order = rng.permutation(n_numbers)
+        expr = str(nums[order[0]]) + "".join(rng.choice(["+", "-", "*"]) + str(nums[i]) for i in order[1:])
+        target = eval(expr)  # noqa: S307 -- digits and + - * only, built right here
+        key = (tuple(nums), target)
+        if not 1 <= target <= 99 or key in seen:
+            continue
+        seen.add(key)
+        listed = ",".join(map(str, nums))
+        question = (f"Using the numbers {', '.join(map(str, nums))}, each exactly once, and the operations + - *, "
+                    f"write an expression that equals {target}. Put the expression within \\boxed{{}}.")
+        out.append(Example("countdown", f"Q:{listed}->{target} A:", question, f"{listed}->{target}", expr))
+    return out
+
+
+def make_arithmetic(n: int, seed: int, digits: int = 2) -> list:
+    """Addition of two `digits`-digit numbers; one correct answer per prompt."""
+    rng, lo, hi = np.random.default_rng(seed), 10 ** (digits - 1), 10**digits
+    out = []
+    for _ in range(n):
+        a, b = (int(x) for x in rng.integers(lo, hi, size=2))
+        q = f"What is {a}+{b}? Put the answer within \\boxed{{}}."
+        out.append(Example("arithmetic", f"Q:{a}+{b}=? A:", q, str(a + b), str(a + b)))
+    return out
+
+
+BUILTIN_TASKS = {"countdown": (make_countdown, 3), "arithmetic": (make_arithmetic, 2)}
+
+
+def parse_task_name(task: str):
+    """'countdown' -> ('countdown', 3); 'countdown:4' -> ('countdown', 4). Non-built-in names -> (task, None)."""
+    family, _, level = task.partition(":")
+    if family not in BUILTIN_TASKS:
+        return task, None
+    return family, int(level) if level else BUILTIN_TASKS[family][1]
+
+
+def _gsm8k_row(row: dict) -> tuple:
+    body, _, final = row["answer"].rpartition("####")
+    gold = final.strip().replace(",", "")
+    body = re.sub(r"<<[^>]*>>", "", body).strip()  # drop GSM8K's calculator annotations
+    return gold, f"{body}\nThe answer is \\boxed{{{gold}}}."
+
+
+def read_jsonl(path) -> list:
+    """GSM8K-style (question, answer '... #### N') or MATH-style (problem, solution, answer) rows -> Examples."""
+    path, out = Path(path), []
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist")
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        question = row.get("question") or row.get("problem") if isinstance(row, dict) else None
+        if not question or not isinstance(row.get("answer"), str) or not row["answer"].strip():
+            raise ValueError(f"{path}:{i}: a row needs a 'question' (or 'problem') and a non-empty 'answer'")
+        if "####" in row["answer"]:
+            gold, solution = _gsm8k_row(row)
+        else:
+            gold, solution = row["answer"].strip(), row.get("solution", "")
+        out.append(Example("math", question + MATH_INSTRUCTION, question + MATH_INSTRUCTION, gold, solution))
+    if not out:
+        raise ValueError(f"{path}: no rows")
+    return out
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("RLVR_DATA", Path(__file__).resolve().parent.parent / "shared" / "data"))
+
+
+def _from_hub(name: str, split: str) -> list:
+    try:
+        import datasets
+    except ImportError:
+        raise FileNotFoundError(f"task {name!r}: no local file in {shared_data_dir()} and `datasets` is not "
+                                "installed (pip install datasets, or pass a .jsonl path)") from None
+    hub = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", None)}[name]
+    rows = datasets.load_dataset(hub[0], hub[1], split=split)
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"rlvr_{name}_{split}.jsonl"
+    tmp.write_text("".join(json.dumps(dict(r)) + "\n" for r in rows))
+    return read_jsonl(tmp)
+
+
+def load_task(task: str, n_train: int = 5000, n_test: int = 500, seed: int = 0):
+    """Returns (train, test) lists of Example. Built-ins are generated from `seed`; test never overlaps train."""
+    family, level = parse_task_name(task)
+    if level is not None:
+        make = BUILTIN_TASKS[family][0]
+        pool = make(n_train + 2 * n_test, seed + 1000 * level, level)
+        pool = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]  # rare prompts come last
+        test = pool[-n_test:]
+        held = {e.prompt for e in test}
+        return [e for e in pool[:-n_test] if e.prompt not in held][:n_train], test
+    if task.endswith(".jsonl"):  # one file: the last n_test rows (at most 10%) are held out
+        rows = read_jsonl(task)
+        k = min(n_test, max(1, len(rows) // 10))
+        return rows[:-k], rows[-k:]
+    files = {"gsm8k": ("gsm8k_train.jsonl", "gsm8k_test.jsonl"), "math500": (None, "math500_test.jsonl")}
+    if task not in files:
+        raise ValueError(f"unknown task {task!r}: use countdown[:n], arithmetic[:digits], gsm8k, math500 or a .jsonl path")
+    train_f, test_f = (shared_data_dir() / f if f else None for f in files[task])
+    if test_f.is_file():
+        test = read_jsonl(test_f)
+        train = read_jsonl(train_f) if train_f else None
+    else:
+        test = _from_hub(task, "test")
+        train = _from_hub(task, "train") if train_f else None
+    if train is None:  # MATH-500 has one split: hold out its last n_test // 5 problems
+        train, test = test[: -n_test // 5], test[-n_test // 5:]
+    return train[:n_train], test[:n_test]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verification: reward 1.0 when correct, else 0.0
+# ---------------------------------------------------------------------------------------------------------------
+def extract_answer(completion: str) -> str:
+    """Content of the last \\boxed{...} if there is one, else the last non-empty line."""
+    start = completion.rfind("\\boxed{")
+    if start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        for j in range(i, len(completion)):
+            depth += {"{": 1, "}": -1}.get(completion[j], 0)
+            if depth == 0:
+                return completion[i:j].strip()
+    lines = [ln.strip() for ln in completion.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def verify_countdown(completion: str, gold: str) -> float:
+    listed, target = gold.split("->")
+    expr = extract_answer(completion).replace(" ", "")
+    if not re.fullmatch(r"[0-9+\-*()]+", expr) or "**" in expr:  # '**' could ask eval for 9**9**9
+        return 0.0
+    if sorted(int(x) for x in re.findall(r"\d+", expr)) != sorted(int(x) for x in listed.split(",")):
+        return 0.0
+    try:
+        value = eval(expr, {"__builtins__": {}})  # noqa: S307 -- whitelisted characters only
+    except (SyntaxError, TypeError, ZeroDivisionError):
+        return 0.0
+    return float(value == int(target))
+
+
+def verify_arithmetic(completion: str, gold: str) -> float:
+    ans = extract_answer(completion).replace(",", "")
+    return float(re.fullmatch(r"-?\d+", ans) is not None and int(ans) == int(gold))
+
+
+def verify_math(completion: str, gold: str, timeout: int = 5) -> float:
+    """math-verify on the last 2000 characters. Its time limits use SIGALRM, which works only on the main thread;
+    elsewhere they are off (math-verify's own rule), so call this from the trainer's main thread."""
+    from math_verify import parse, verify
+
+    if extract_answer(completion) == gold:
+        return 1.0
+    t = timeout if threading.current_thread() is threading.main_thread() else None
+    gold_p = parse(f"\\boxed{{{gold}}}", parsing_timeout=t)
+    pred_p = parse(completion[-2000:], parsing_timeout=t)
+    return float(bool(gold_p) and bool(pred_p) and verify(gold_p, pred_p, timeout_seconds=t))
+
+
+def score(example: Example, completion: str) -> float:
+    """The verifiable reward of one completion (text without special tokens)."""
+    if example.kind == "countdown":
+        return verify_countdown(completion, example.gold)
+    if example.kind == "arithmetic":
+        return verify_arithmetic(completion, example.gold)
+    return verify_math(completion, example.gold)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded tiny default: a character tokenizer + a 0.5M-parameter Llama, warm-started by a short SFT
+# ---------------------------------------------------------------------------------------------------------------
+TINY_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+TINY_CHARS = list("0123456789+-*/()=:.,?> QA")
+
+
+def tiny_tokenizer():
+    """One token per character. A Llama-type model so AutoTokenizer reloads it unchanged (Qwen2 drops spaces)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(TINY_SPECIALS + TINY_CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+
+def tiny_model(vocab_size: int, hidden: int = 128, layers: int = 2, seed: int = 0):
+    """head_dim = hidden / 4 = 32: vLLM's CPU attention accepts 32 and 64, not 16."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=4 * hidden, max_position_embeddings=64,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def sft_batch(tok, examples: list, device="cpu"):
+    """Prompt + solution + eos, left-padded; labels are -100 except on the solution and eos."""
+    ids, labels = [], []
+    for e in examples:
+        p = tok(e.prompt)["input_ids"]
+        s = tok(e.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids.append(p + s)
+        labels.append([-100] * len(p) + s)
+    n = max(map(len, ids))
+    pad = [[tok.pad_token_id] * (n - len(x)) for x in ids]
+    input_ids = torch.tensor([p + x for p, x in zip(pad, ids)], device=device)
+    label_t = torch.tensor([[-100] * len(p) + y for p, y in zip(pad, labels)], device=device)
+    return input_ids, (input_ids != tok.pad_token_id).long(), label_t
+
+
+def warm_start(model, tok, examples: list, steps: int = 300, lr: float = 2e-3, batch: int = 64, seed: int = 0):
+    """Supervised warm start (cpu_feasibility.md §2): AdamW (0.9, 0.98), 20 warm-up steps, grad clip 1.0."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 20)
+        idx = rng.integers(0, len(examples), size=batch)
+        input_ids, attn, labels = sft_batch(tok, [examples[i] for i in idx])
+        loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.eval()
+    return model
+
+
+def tiny_cache_dir(family: str) -> Path:
+    root = Path(os.environ.get("RLVR_CACHE", Path.home() / ".cache" / "rlvr-tiny"))
+    return root / f"tiny-{family}-v1"
+
+
+def build_tiny(family: str, out_dir=None, sft_steps: int = 500, seed: int = 0) -> Path:
+    """Build the embedded default for a built-in task family (~20 s on 2 cores) and save it in HF format.
+    It is warm-started on the family's default level (countdown:3, arithmetic:2) so a harder level exists that
+    it cannot solve at the start. Deterministic for a fixed seed on a given machine."""
+    out_dir = Path(out_dir or tiny_cache_dir(family))
+    tok = tiny_tokenizer()
+    train, _ = load_task(family, seed=seed)
+    model = warm_start(tiny_model(len(tok), seed=seed), tok, train, steps=sft_steps, seed=seed)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out_dir.exists():  # another process built it meanwhile: keep theirs
+        import shutil
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+def resolve_model_path(model: str, task: str) -> str:
+    """'tiny' -> the cached embedded default for this task family (built on first use); anything else unchanged."""
+    if model != "tiny":
+        return model
+    family, level = parse_task_name(task)
+    if level is None:
+        raise ValueError(f"the embedded tiny model only knows the built-in tasks (countdown, arithmetic), not "
+                         f"{task!r}: pass --model with a Hugging Face id or a local folder")
+    path = tiny_cache_dir(family)
+    return str(path if path.exists() else build_tiny(family, path))
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype):
+    """A Hugging Face id or a local folder -> (model in eval mode, tokenizer with left padding and a pad token)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
+        raise SystemExit(f"could not load model {path!r}: no such folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"could not load model {path!r}: not a local folder with a model and tokenizer, and not "
+                         f"a Hugging Face id that can be downloaded ({type(e).__name__}: {str(e)[:200]})") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device).eval(), tok
+
+
+def encode_prompts(tok, examples: list) -> list:
+    """Token ids of each prompt: the chat template when the tokenizer has one, the plain prompt otherwise."""
+    if tok.chat_template:
+        texts = [tok.apply_chat_template([{"role": "user", "content": e.question}], tokenize=False,
+                                         add_generation_prompt=True) for e in examples]
+        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return [tok(e.prompt)["input_ids"] for e in examples]
+
+
+def drop_long_prompts(tok, examples: list, max_prompt_len: int, name: str) -> list:
+    """Skip (with a warning) prompts longer than the context allows; an error if none is left."""
+    keep = [e for e, ids in zip(examples, encode_prompts(tok, examples)) if len(ids) <= max_prompt_len]
+    if len(keep) < len(examples):
+        print(f"warning: skipped {len(examples) - len(keep)} of {len(examples)} {name} prompts longer than "
+              f"{max_prompt_len} tokens")
+    if not keep:
+        raise SystemExit(f"every {name} prompt is longer than {max_prompt_len} tokens: raise --max_prompt_len")
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: one interface (`generate`), two backends (HF generate, vLLM in-process)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Samples:
+    """Per sequence, in the order prompt 0 x n, prompt 1 x n, ... (lists, since lengths differ)."""
+    prompt_ids: list  # [B][Tp_i]
+    response_ids: list  # [B][T_i], up to and including the first eos
+    logp: list  # [B][T_i] behaviour log-prob of each sampled token (temperature applied)
+    finish: list  # [B] "stop" (eos) | "length" (cut at max_new_tokens)
+    topk_ids: list = None  # [B][T_i][K] behaviour top-K ids per position (when asked for)
+    topk_logp: list = None  # [B][T_i][K] their log-probs
+
+
+def _cut_at_eos(ids: list, eos_ids: set) -> tuple:
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: i + 1], "stop"
+    return ids, "length"
+
+
+class HFSampler:
+    """transformers `generate` on the policy itself: always available, exact behaviour log-probs from its scores."""
+
+    name = "hf"
+
+    def __init__(self, tok, max_batch: int = 512):
+        self.tok, self.max_batch = tok, max_batch
+
+    def push_weights(self, model):  # generate() runs on the live policy: nothing to push
+        pass
+
+    @torch.no_grad()
+    def generate(self, model, prompt_ids: list, n: int, max_new_tokens: int, temperature: float = 1.0,
+                 seed: int = 0, topk: int = 0) -> Samples:
+        from transformers import GenerationConfig
+
+        greedy = temperature == 0
+        cfg = GenerationConfig(do_sample=not greedy, temperature=None if greedy else temperature,
+                               top_k=None if greedy else 0, top_p=None if greedy else 1.0,
+                               max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
+                               eos_token_id=self.tok.eos_token_id, bos_token_id=self.tok.bos_token_id,
+                               return_dict_in_generate=True, output_scores=True)
+        flat = [p for p in prompt_ids for _ in range(n)]
+        out = Samples([], [], [], [], [] if topk else None, [] if topk else None)
+        torch.manual_seed(seed)  # sampling seed derived by the caller from (seed, step)
+        for s in range(0, len(flat), self.max_batch):
+            self._generate_chunk(model, flat[s: s + self.max_batch], cfg, topk, out)
+        return out
+
+    def _generate_chunk(self, model, prompts: list, cfg, topk: int, out: Samples):
+        device = next(model.parameters()).device
+        width = max(map(len, prompts))
+        ids = torch.tensor([[self.tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=attn, generation_config=cfg)
+        resp = gen.sequences[:, width:]  # [b, T]
+        steps = [torch.log_softmax(s.float(), -1) for s in gen.scores]  # T x [b, V]: processed scores
+        logp = torch.stack([lp.gather(-1, resp[:, t: t + 1]).squeeze(-1) for t, lp in enumerate(steps)], 1)
+        if topk:
+            tk = [lp.topk(topk, -1) for lp in steps]
+            tk_ids, tk_lp = torch.stack([t.indices for t in tk], 1), torch.stack([t.values for t in tk], 1)
+        eos = {self.tok.eos_token_id}
+        for i, p in enumerate(prompts):
+            r, why = _cut_at_eos(resp[i].tolist(), eos)
+            out.prompt_ids.append(p)
+            out.response_ids.append(r)
+            out.logp.append(logp[i, : len(r)].tolist())
+            out.finish.append(why)
+            if topk:
+                out.topk_ids.append(tk_ids[i, : len(r)].tolist())
+                out.topk_logp.append(tk_lp[i, : len(r)].tolist())
+
+
+class VLLMSampler:
+    """vLLM in the trainer's process (vllm_cpu.md, ecosystem.md §A). The engine keeps its own copy of the weights:
+    call push_weights(model) after every optimizer step. Log-probs are "processed": those of the distribution
+    actually sampled (temperature applied), so they are the behaviour policy's."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, tok, max_model_len: int, dtype: torch.dtype, seed: int = 0,
+                 gpu_memory_utilization: float = 0.3):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process, so weights can be pushed
+        from vllm import LLM
+
+        rng_state = (torch.get_rng_state(), np.random.get_state())  # vLLM reseeds the global RNGs at build
+        kw = dict(gpu_memory_utilization=gpu_memory_utilization) if torch.cuda.is_available() else dict(
+            kv_cache_memory_bytes=256 * 2**20)
+        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=str(dtype).replace("torch.", ""), seed=seed,
+                       max_model_len=max_model_len, enforce_eager=not torch.cuda.is_available(),
+                       logprobs_mode="processed_logprobs", enable_prefix_caching=False, **kw)
+        torch.set_rng_state(rng_state[0])
+        np.random.set_state(rng_state[1])
+        self.tok = tok
+
+    def push_weights(self, model):
+        """The public reload RPC (vllm_cpu.md trap 4: the deep model_runner path fails on CPU)."""
+        weights = [(k, v.detach()) for k, v in model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    def generate(self, model, prompt_ids: list, n: int, max_new_tokens: int, temperature: float = 1.0,
+                 seed: int = 0, topk: int = 0) -> Samples:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
+                                logprobs=topk, seed=seed, detokenize=False, skip_special_tokens=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        res = Samples([], [], [], [], [] if topk else None, [] if topk else None)
+        eos = {self.tok.eos_token_id}
+        for p, o in zip(prompt_ids, outs):
+            for c in sorted(o.outputs, key=lambda c: c.index):
+                ids, why = _cut_at_eos(list(c.token_ids), eos)
+                res.prompt_ids.append(p)
+                res.response_ids.append(ids)
+                res.finish.append(why)
+                per_pos = c.logprobs[: len(ids)] if c.logprobs is not None else [None] * len(ids)
+                res.logp.append([d[t].logprob if d else 0.0 for d, t in zip(per_pos, ids)])
+                if topk:  # top-K by rank (the sampled token's own entry may be an extra one)
+                    ranked = [sorted(d.items(), key=lambda kv: kv[1].rank)[:topk] for d in per_pos]
+                    res.topk_ids.append([[k for k, _ in r] for r in ranked])
+                    res.topk_logp.append([[v.logprob for _, v in r] for r in ranked])
+        return res
+
+
+def make_sampler(backend: str, model_path: str, tok, max_model_len: int, dtype, seed: int = 0):
+    """`auto` picks vLLM when it imports, HF generate otherwise."""
+    if backend == "auto":
+        try:
+            import vllm  # noqa: F401
+            backend = "vllm"
+        except ImportError:
+            backend = "hf"
+    if backend == "vllm":
+        return VLLMSampler(model_path, tok, max_model_len, dtype, seed)
+    if backend == "hf":
+        return HFSampler(tok)
+    raise ValueError(f"--backend must be hf, vllm or auto, not {backend!r}")
+
+
+def collate(samples: Samples, pad_id: int, device) -> dict:
+    """Lists -> tensors: the prompt left-padded, the response right-padded after it."""
+    Tp, T = max(map(len, samples.prompt_ids)), max(1, max(map(len, samples.response_ids)))
+    rows, attn, resp, mask, old = [], [], [], [], []
+    for p, r, lp in zip(samples.prompt_ids, samples.response_ids, samples.logp):
+        padp, padr = Tp - len(p), T - len(r)
+        rows.append([pad_id] * padp + p + r + [pad_id] * padr)
+        attn.append([0] * padp + [1] * (len(p) + len(r)) + [0] * padr)
+        resp.append(r + [pad_id] * padr)
+        mask.append([1.0] * len(r) + [0.0] * padr)
+        old.append(lp + [0.0] * padr)
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    batch = dict(input_ids=t(rows, torch.long), attention_mask=t(attn, torch.long),  # [B, Tp+T]
+                 response_ids=t(resp, torch.long), mask=t(mask, torch.float32),  # [B, T]
+                 old_logp=t(old, torch.float32))  # [B, T]
+    if samples.topk_ids is not None:
+        K = len(samples.topk_ids[0][0]) if samples.topk_ids[0] else 1
+        pad_k = lambda x, v: [r + [[v] * K] * (T - len(r)) for r in x]  # noqa: E731
+        batch["topk_ids"] = t(pad_k(samples.topk_ids, 0), torch.long)  # [B, T, K]
+        batch["topk_old_logp"] = t(pad_k(samples.topk_logp, 0.0), torch.float32)  # [B, T, K]
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-token log-probs without a float32 [B, T, V] tensor
+# ---------------------------------------------------------------------------------------------------------------
+def _chunk_logprobs(h, weight, targets, temperature, with_entropy, extra_ids):
+    """h: [n, H], targets: [n], extra_ids: [n, K] or None -> logp [n], entropy [n] or None, extra [n, K] or None."""
+    logits = (h @ weight.T).float() / temperature  # [n, V]: one chunk only
+    lse = torch.logsumexp(logits, -1)  # [n]
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # [n]
+    ent = lse - (torch.softmax(logits, -1) * logits).sum(-1) if with_entropy else None  # [n]
+    extra = logits.gather(-1, extra_ids) - lse[:, None] if extra_ids is not None else None  # [n, K]
+    return logp, ent, extra
+
+
+def response_hidden(model, input_ids, attention_mask, n_response: int):
+    """Final (normed) hidden states at the positions that predict the response tokens: [B, T, H]. Runs the forward
+    through `model` itself (DDP-wrapped or not) and keeps the logits of one position only."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does with left padding
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    hs = out.hidden_states[-1]  # [B, Tp+T, H]
+    return hs[:, hs.shape[1] - n_response - 1: hs.shape[1] - 1]  # [B, T, H]
+
+
+def output_weight(model):
+    return getattr(model, "module", model).get_output_embeddings().weight  # [V, H]
+
+
+def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int = 512, with_entropy: bool = False,
+                   extra_ids=None) -> dict:
+    """log pi(y_t) of every response token ([B, T], 0 where mask is 0), optionally the entropy of pi at each token
+    and log pi of `extra_ids` ([B, T, K], e.g. the behaviour policy's top-K). Only masked response positions are
+    projected to the vocabulary, `chunk_size` rows at a time, each chunk recomputed in backward (checkpoint)."""
+    mask = batch["mask"]  # [B, T]
+    B, T = mask.shape
+    h = response_hidden(model, batch["input_ids"], batch["attention_mask"], T)  # [B, T, H]
+    rows = mask.reshape(-1).nonzero().squeeze(-1)  # [N] flat indices of real response tokens
+    h_sel, tgt = h.reshape(B * T, -1)[rows], batch["response_ids"].reshape(-1)[rows]  # [N, H], [N]
+    ext = extra_ids.reshape(B * T, -1)[rows] if extra_ids is not None else None  # [N, K]
+    weight = output_weight(model)
+    parts = []
+    for s in range(0, len(rows), chunk_size):
+        args = (h_sel[s: s + chunk_size], weight, tgt[s: s + chunk_size], temperature, with_entropy,
+                ext[s: s + chunk_size] if ext is not None else None)
+        if torch.is_grad_enabled():
+            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(*args))
+
+    def scatter(i, shape):  # chunk results back to [B, T(, K)], zeros off the mask
+        vals = torch.cat([p[i] for p in parts]) if parts else h.new_zeros((0,) + shape[2:], dtype=torch.float32)
+        full = torch.zeros((B * T,) + shape[2:], dtype=torch.float32, device=mask.device)
+        return full.index_copy(0, rows, vals).reshape(shape)
+
+    out = {"logp": scatter(0, (B, T))}  # [B, T]
+    if with_entropy:
+        out["entropy"] = scatter(1, (B, T))  # [B, T]
+    if extra_ids is not None:
+        out["extra_logp"] = scatter(2, (B, T, extra_ids.shape[-1]))  # [B, T, K]
+    return out
+
+
+def masked_mean(x, mask):
+    """Mean of x over mask == 1 (0 if the mask is empty)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: greedy accuracy, unbiased pass@k
+# ---------------------------------------------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def decode(tok, ids: list) -> list:
+    return tok.batch_decode(ids, skip_special_tokens=True)
+
+
+def evaluate(model, tok, sampler, examples: list, n: int = 16, ks=(1, 8, 16), max_new_tokens: int = 8,
+             temperature: float = 1.0, seed: int = 0) -> dict:
+    """Greedy accuracy, pass@k from n samples per prompt (temperature 1), and mean sampled response length."""
+    prompts = encode_prompts(tok, examples)
+    greedy = sampler.generate(model, prompts, 1, max_new_tokens, temperature=0.0, seed=seed)
+    acc = np.mean([score(e, c) for e, c in zip(examples, decode(tok, greedy.response_ids))])
+    samp = sampler.generate(model, prompts, n, max_new_tokens, temperature=temperature, seed=seed + 1)
+    rewards = np.array([score(e, c) for e, c in zip([e for e in examples for _ in range(n)],
+                                                    decode(tok, samp.response_ids))]).reshape(len(examples), n)
+    res = {"eval/greedy_acc": float(acc), "eval/response_len": float(np.mean([len(r) for r in samp.response_ids]))}
+    for k in ks:
+        res[f"eval/pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in rewards.sum(1)]))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run plumbing: seeds, distributed, checkpoints, metrics
+# ---------------------------------------------------------------------------------------------------------------
+def seed_everything(seed: int):
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_distributed(device: torch.device):
+    """(rank, world_size). Under torchrun: one process group (gloo on CPU, nccl on CUDA); else (0, 1), no set-up."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world
+
+
+def save_checkpoint(path, state: dict):
+    """Atomic: write a temp file, then rename over the old checkpoint (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_metrics(path) -> list:
+    path = Path(path)
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def append_metrics(path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path, last_step: int):
+    """On resume: drop records the interrupted run wrote after its last checkpoint."""
+    keep = [r for r in load_metrics(path) if r.get("step", -1) <= last_step]
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+class Timer:
+    """`with timer("sample"): ...` adds the wall seconds to timer.s["sample"]."""
+
+    def __init__(self):
+        self.s = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        t = time.perf_counter()
+        yield
+        self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t
+
+
+def isfinite(x) -> bool:
+    return bool(torch.isfinite(x).all()) if torch.is_tensor(x) else math.isfinite(x)

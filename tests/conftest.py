@@ -1,0 +1,46 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+import common  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A fresh RLVR_CACHE for the whole session: the warm-started tiny countdown model is built once (~15 s)."""
+    root = tmp_path_factory.mktemp("rlvr_cache")
+    old = os.environ.get("RLVR_CACHE")
+    os.environ["RLVR_CACHE"] = str(root)
+    common.build_tiny("countdown", common.tiny_cache_dir("countdown"))
+    yield root
+    if old is None:
+        os.environ.pop("RLVR_CACHE", None)
+    else:
+        os.environ["RLVR_CACHE"] = old
+
+
+@pytest.fixture
+def tok():
+    return common.tiny_tokenizer()
+
+
+@pytest.fixture
+def rand_model(tok):
+    """An untrained tiny Llama (random weights): enough for exactness tests."""
+    return common.tiny_model(len(tok), seed=0).eval()
+
+
+def run_script(*args, timeout=600, env=None):
+    """Run a trainer as a user would; return the CompletedProcess (stdout + stderr in .stdout)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})

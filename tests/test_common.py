@@ -1,0 +1,248 @@
+"""common.py against naive references and hand-made cases."""
+import itertools
+import json
+import time
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import common
+from common import Example, pass_at_k, score
+
+
+# ---- tasks -------------------------------------------------------------------------------------------------
+def test_countdown_generated_solutions_verify_and_splits_are_disjoint():
+    train, test = common.load_task("countdown", n_train=300, n_test=50)
+    assert len(train) == 300 and len(test) == 50
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
+    assert all(score(e, e.solution) == 1.0 for e in train + test)
+    assert common.load_task("countdown", n_train=300, n_test=50)[1] == test  # deterministic
+
+
+def test_harder_levels_exist():
+    train4, _ = common.load_task("countdown:4", n_train=50, n_test=10)
+    assert all(len(e.gold.split("->")[0].split(",")) == 4 for e in train4)
+    assert all(score(e, e.solution) == 1.0 for e in train4)
+    a3, _ = common.load_task("arithmetic:3", n_train=50, n_test=10)
+    assert all(score(e, e.solution) == 1.0 and 200 <= int(e.gold) <= 1998 for e in a3)
+
+
+def test_jsonl_gsm8k_and_math_rows(tmp_path):
+    f = tmp_path / "d.jsonl"
+    rows = [{"question": "2+2?", "answer": "We add <<2+2=4>>4.\n#### 4"},
+            {"problem": "Half?", "solution": "It is $\\boxed{\\frac12}$.", "answer": "\\frac{1}{2}"},
+            {"question": "Big?", "answer": "#### 1,000"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    ex = common.read_jsonl(f)
+    assert [e.gold for e in ex] == ["4", "\\frac{1}{2}", "1000"]
+    assert ex[0].solution == "We add 4.\nThe answer is \\boxed{4}." and "<<" not in ex[0].solution
+    assert ex[1].solution == rows[1]["solution"]
+    assert all(score(e, e.solution) == 1.0 for e in ex)
+
+
+@pytest.mark.parametrize("content,msg", [
+    ('{"question": "a", "answer": "1"}\n{not json\n', "d.jsonl:2: not valid JSON"),
+    ('{"question": "a"}\n', "d.jsonl:1: a row needs"),
+    ('[1, 2]\n', "d.jsonl:1: a row needs"),
+    ("\n\n", "d.jsonl: no rows"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, content, msg):
+    (tmp_path / "d.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=msg):
+        common.read_jsonl(tmp_path / "d.jsonl")
+
+
+def test_unknown_task_and_missing_file():
+    with pytest.raises(ValueError, match="unknown task"):
+        common.load_task("sudoku")
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        common.load_task("/nope.jsonl")
+
+
+@pytest.mark.skipif(not (common.shared_data_dir() / "gsm8k_test.jsonl").exists(), reason="../shared/data absent")
+def test_shared_data_loads_and_golds_verify():
+    train, test = common.load_task("gsm8k", n_train=200, n_test=100)
+    assert len(train) == 200 and len(test) == 100
+    assert all(score(e, e.solution) == 1.0 for e in train[:50])
+    _, m = common.load_task("math500")
+    assert len(m) == 100 and all(score(e, f"\\boxed{{{e.gold}}}") == 1.0 for e in m[:30])
+
+
+# ---- verifiers ----------------------------------------------------------------------------------------------
+CD = Example("countdown", "Q:7,1,5->3 A:", "", "7,1,5->3", "7-5+1")
+
+
+@pytest.mark.parametrize("completion,reward", [
+    ("7-5+1", 1), ("1+7-5", 1), ("7 - 5 + 1", 1), ("I think \\boxed{7-5+1}", 1), ("(7-5)+1", 1),
+    ("7-5", 0),  # a number unused
+    ("7-5+1+1", 0),  # a number used twice
+    ("7+5+1", 0),  # wrong value
+    ("7-5+1=3", 0), ("7--5+1", 0), ("75+1", 0), ("", 0), ("7-5+", 0), ("abc", 0),
+])
+def test_countdown_verifier(completion, reward):
+    assert score(CD, completion) == reward
+
+
+def test_countdown_verifier_rejects_power_tower_fast():
+    ex = Example("countdown", "", "", "9,9,9->1", "")
+    t = time.perf_counter()
+    assert score(ex, "9**9**9") == 0.0
+    assert time.perf_counter() - t < 0.1
+
+
+@pytest.mark.parametrize("completion,reward", [
+    ("82", 1), (" 82 ", 1), ("\\boxed{82}", 1), ("so 37+45 is\n82", 1), ("83", 0), ("82.5", 0), ("8 2", 0), ("", 0)])
+def test_arithmetic_verifier(completion, reward):
+    assert score(Example("arithmetic", "", "", "82", ""), completion) == reward
+
+
+@pytest.mark.parametrize("gold,completion,reward", [
+    ("18", "She makes 9 * 2 = 18 dollars. \\boxed{18}", 1),
+    ("18", "\\boxed{18.0}", 1),
+    ("\\frac{1}{2}", "The answer is \\boxed{0.5}", 1),
+    ("\\frac{1}{2}", "The answer is \\boxed{\\frac{2}{4}}", 1),
+    ("\\sqrt{2}/2", "\\boxed{\\frac{1}{\\sqrt{2}}}", 1),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "so \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", 1),
+    ("18", "\\boxed{19}", 0),
+    ("\\frac{1}{2}", "\\boxed{\\frac{1}{3}}", 0),
+    ("18", "no answer here", 0),
+])
+def test_math_verifier(gold, completion, reward):
+    assert score(Example("math", "", "", gold, ""), completion) == reward
+
+
+def test_math_verifier_pathological_strings_finish():
+    ex = Example("math", "", "", "2", "")
+    for bad in ["\\boxed{" + "(" * 3000, "\\boxed{" + "x^" * 500 + "2}", "9" * 5000, "\\frac{" * 800]:
+        t = time.perf_counter()
+        assert score(ex, bad) == 0.0
+        assert time.perf_counter() - t < 15
+
+
+def test_extract_answer_takes_last_box_with_nested_braces():
+    assert common.extract_answer("\\boxed{1} then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert common.extract_answer("a\n\n b \n") == "b"
+
+
+# ---- pass@k -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 1, 1), (5, 2, 2), (6, 3, 4), (8, 1, 8), (8, 7, 3), (4, 4, 2)])
+def test_pass_at_k_matches_brute_force(n, c, k):
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(samples, k))
+    assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets), abs=1e-12)
+
+
+def test_pass_at_k_needs_enough_samples():
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 8)
+
+
+# ---- tokenizer / model --------------------------------------------------------------------------------------
+def test_tiny_tokenizer_roundtrips_through_autotokenizer(tmp_path, tok, rand_model):
+    rand_model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    re_tok = AutoTokenizer.from_pretrained(tmp_path)
+    for s in ["Q:7,1,5->3 A:", "Q:37+45=? A:82", "a b  c"]:
+        assert re_tok(s)["input_ids"] == tok(s)["input_ids"]
+    assert tok.decode(tok("Q:1,2->3 A:")["input_ids"], skip_special_tokens=True) == "Q:1,2->3 A:"
+    assert rand_model.config.hidden_size // rand_model.config.num_attention_heads in (32, 64)  # vLLM CPU
+
+
+def test_missing_model_fails_with_one_sentence():
+    with pytest.raises(SystemExit, match="could not load model './no/such/model': no such folder"):
+        common.load_model_and_tokenizer("./no/such/model", torch.device("cpu"), torch.float32)
+    with pytest.raises(SystemExit, match="could not load model 'nobody/no-such-model-xyz'"):
+        common.load_model_and_tokenizer("nobody/no-such-model-xyz", torch.device("cpu"), torch.float32)
+
+
+def test_tiny_model_refuses_math_tasks():
+    with pytest.raises(ValueError, match="only knows the built-in tasks"):
+        common.resolve_model_path("tiny", "gsm8k")
+
+
+def test_long_prompts_are_dropped_with_warning(tok, capsys):
+    ex = [Example("arithmetic", "Q:1+1=? A:", "", "2", "2"), Example("arithmetic", "Q:" + "1+" * 40 + "1=? A:", "", "", "")]
+    assert common.drop_long_prompts(tok, ex, 20, "training") == ex[:1]
+    assert "skipped 1 of 2 training prompts" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="every test prompt is longer"):
+        common.drop_long_prompts(tok, ex[1:], 20, "test")
+
+
+# ---- log-probs ----------------------------------------------------------------------------------------------
+def _batch(tok, model, n=6, seed=0, temperature=1.0):
+    ex = common.load_task("countdown", n_train=10, n_test=5)[0][:3]
+    s = common.HFSampler(tok).generate(model, common.encode_prompts(tok, ex), 2, 10, temperature, seed=seed, topk=4)
+    return s, common.collate(s, tok.pad_token_id, "cpu")
+
+
+def naive_logprobs(model, batch, temperature=1.0):
+    """The reference: full [B, L, V] log_softmax, then gather."""
+    T = batch["mask"].shape[1]
+    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos).logits
+    lp = torch.log_softmax(logits[:, -T - 1:-1].float() / temperature, -1)  # [B, T, V]
+    logp = lp.gather(-1, batch["response_ids"][..., None]).squeeze(-1) * batch["mask"]
+    ent = -(lp.exp() * lp).sum(-1) * batch["mask"]
+    return logp, ent, lp
+
+
+@pytest.mark.parametrize("temperature,chunk", [(1.0, 512), (1.0, 3), (0.7, 5)])
+def test_chunked_logprobs_equal_naive(tok, rand_model, temperature, chunk):
+    _, batch = _batch(tok, rand_model, temperature=temperature)
+    before = {k: v.clone() for k, v in batch.items()}
+    ids = batch["topk_ids"]
+    out = common.token_logprobs(rand_model, batch, temperature, chunk, with_entropy=True, extra_ids=ids)
+    ref_logp, ref_ent, lp = naive_logprobs(rand_model, batch, temperature)
+    assert torch.allclose(out["logp"], ref_logp, atol=1e-5)
+    assert torch.allclose(out["entropy"], ref_ent, atol=1e-5)
+    m = batch["mask"].bool()
+    assert torch.allclose(out["extra_logp"][m], lp.gather(-1, ids)[m], atol=1e-5)
+    assert all(torch.equal(before[k], batch[k]) for k in batch)  # inputs untouched
+
+
+def test_chunked_logprob_gradients_equal_naive(tok, rand_model):
+    _, batch = _batch(tok, rand_model)
+    out = common.token_logprobs(rand_model, batch, 1.0, chunk_size=4)
+    g1 = torch.autograd.grad(out["logp"].sum(), list(rand_model.parameters()))
+    g2 = torch.autograd.grad(naive_logprobs(rand_model, batch)[0].sum(), list(rand_model.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+
+
+def test_hf_sampler_behaviour_logprobs_match_trainer(tok, rand_model):
+    s, batch = _batch(tok, rand_model, temperature=0.8)
+    assert len(s.response_ids) == 6 and all(f in ("stop", "length") for f in s.finish)
+    for r, f in zip(s.response_ids, s.finish):  # responses end at the first eos, or run to the cap
+        assert (r[-1] == tok.eos_token_id) == (f == "stop") and tok.eos_token_id not in r[:-1]
+    trainer = common.token_logprobs(rand_model, batch, 0.8)["logp"]
+    assert torch.allclose(trainer, batch["old_logp"], atol=1e-5)
+    # the top-K the sampler reports are the K most likely tokens, sampled token's log-prob among the ordered list
+    assert torch.all(batch["topk_old_logp"][..., :-1] >= batch["topk_old_logp"][..., 1:])
+
+
+def test_sampler_is_seeded(tok, rand_model):
+    p = common.encode_prompts(tok, common.load_task("countdown", n_train=10, n_test=5)[0][:2])
+    a = common.HFSampler(tok).generate(rand_model, p, 3, 8, seed=5).response_ids
+    b = common.HFSampler(tok).generate(rand_model, p, 3, 8, seed=5).response_ids
+    c = common.HFSampler(tok).generate(rand_model, p, 3, 8, seed=6).response_ids
+    assert a == b and a != c
+
+
+# ---- evaluation, checkpoints --------------------------------------------------------------------------------
+def test_evaluate_reports_greedy_and_pass_at_k(tok, rand_model):
+    class Oracle:  # returns the gold solution for every sample: everything must score 1
+        def generate(self, model, prompts, n, max_new_tokens, temperature=1.0, seed=0, topk=0):
+            ids = [tok(e.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for e in ex for _ in range(n)]
+            return common.Samples([[0]] * len(ids), ids, [[0.0] * len(i) for i in ids], ["stop"] * len(ids))
+
+    ex = common.load_task("countdown", n_train=10, n_test=5)[1]
+    res = common.evaluate(rand_model, tok, Oracle(), ex, n=4, ks=(1, 4))
+    assert res["eval/greedy_acc"] == 1.0 and res["eval/pass@1"] == 1.0 and res["eval/pass@4"] == 1.0
+    assert res["eval/response_len"] == pytest.approx(sum(len(e.solution) + 1 for e in ex) / len(ex))
+
+
+def test_save_checkpoint_is_atomic(tmp_path):
+    common.save_checkpoint(tmp_path / "c.pt", {"x": torch.ones(2)})
+    common.save_checkpoint(tmp_path / "c.pt", {"x": torch.zeros(2)})
+    assert torch.equal(torch.load(tmp_path / "c.pt")["x"], torch.zeros(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]

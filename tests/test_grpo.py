@@ -1,0 +1,169 @@
+"""grpo.py: advantage and loss on hand-computed micro-examples, then the script itself end to end."""
+import json
+import math
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+
+import grpo
+from grpo import aggregate, group_advantages, micro_weight, policy_loss
+
+
+# ---- advantage ----------------------------------------------------------------------------------------------
+def test_group_advantages_hand_computed():
+    r = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0])
+    # group 1: mean .25, Bessel std sqrt((.75^2 + 3 * .25^2) / 3) = .5; group 2: mean .5, std sqrt(4 * .25 / 3)
+    s2 = math.sqrt(1 / 3)
+    expect = torch.tensor([1.5, -0.5, -0.5, -0.5, 0.5 / s2, 0.5 / s2, -0.5 / s2, -0.5 / s2])
+    assert torch.allclose(group_advantages(r, 4, eps=0.0), expect, atol=1e-6)
+    assert torch.allclose(group_advantages(r, 4, scale_std=False), torch.tensor([.75, -.25, -.25, -.25, .5, .5, -.5, -.5]))
+
+
+def test_equal_reward_groups_get_zero_never_nan():
+    for r in (torch.zeros(8), torch.ones(8)):
+        assert torch.equal(group_advantages(r, 4), torch.zeros(8))
+    assert torch.equal(group_advantages(torch.tensor([1.0, 0.0]), 1), torch.zeros(2))  # G = 1
+
+
+def test_group_advantages_leaves_input_alone():
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    group_advantages(r, 2)
+    assert torch.equal(r, torch.tensor([1.0, 0.0, 1.0, 1.0]))
+
+
+# ---- loss ---------------------------------------------------------------------------------------------------
+def _toy():
+    # 2 sequences x 3 tokens; the second has 2 real tokens
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    new = torch.log(torch.tensor([[0.75, 0.5, 0.25], [0.25, 0.75, 0.9]]))  # ratios 1.5, 1, .5 / .5, 1.5, x
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    return new, old, mask
+
+
+def test_policy_loss_clips_on_both_sides():
+    new, old, mask = _toy()
+    # adv +1: ratio 1.5 -> clipped to 1.2 (max(-1.5, -1.2) = -1.2), 1 -> -1, .5 -> max(-.5, -.8) = -.5 (no clip)
+    # adv -1: ratio .5 -> max(.5, .8) = .8 (clipped), 1.5 -> max(1.5, 1.2) = 1.5
+    adv = torch.tensor([1.0, -1.0])
+    loss, st = policy_loss(new, old, adv, mask)
+    assert loss.item() == pytest.approx((-1.2 - 1 - 0.5 + 0.8 + 1.5) / 5, abs=1e-6)
+    assert st["policy/clipfrac"] == pytest.approx(2 / 5)
+    loss_hi, _ = policy_loss(new, old, adv, mask, eps_low=0.2, eps_high=0.28)
+    assert loss_hi.item() == pytest.approx((-1.28 - 1 - 0.5 + 0.8 + 1.5) / 5, abs=1e-6)
+
+
+def test_policy_loss_gradient_zero_where_clipped():
+    new, old, mask = _toy()
+    new = new.clone().requires_grad_(True)
+    loss, _ = policy_loss(new, old, torch.tensor([1.0, -1.0]), mask)
+    loss.backward()
+    g = new.grad
+    assert g[0, 0] == 0 and g[1, 0] == 0  # clipped tokens
+    assert g[0, 1] != 0 and g[0, 2] != 0 and g[1, 1] != 0  # unclipped ones
+    assert g[1, 2] == 0  # padding
+
+
+@pytest.mark.parametrize("agg,expect", [
+    ("token-mean", (1 + 2 + 3 + 4 + 5) / 5),
+    ("seq-mean-token-mean", ((1 + 2 + 3) / 3 + (4 + 5) / 2) / 2),
+    ("seq-mean-token-sum-norm", (1 + 2 + 3 + 4 + 5) / (2 * 4)),
+])
+def test_aggregations(agg, expect):
+    x = torch.tensor([[1.0, 2, 3], [4, 5, 99]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    assert aggregate(x, mask, agg, max_len=4).item() == pytest.approx(expect)
+
+
+def test_k3_kl_term():
+    new, old, mask = _toy()
+    ref = old  # ref = 0.5 everywhere: kl = w - log w - 1 with w = pi_ref / pi
+    loss0, _ = policy_loss(new, old, torch.zeros(2), mask)
+    loss, st = policy_loss(new, old, torch.zeros(2), mask, ref_logp=ref, beta=0.1)
+    w = torch.tensor([0.5 / 0.75, 1, 2, 2, 0.5 / 0.75])
+    kl = (w - torch.log(w) - 1).mean().item()
+    assert loss0.item() == 0 and loss.item() == pytest.approx(0.1 * kl, abs=1e-6)
+    assert st["policy/kl"] == pytest.approx(kl, abs=1e-6)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_accumulate_to_the_whole_batch(agg):
+    torch.manual_seed(0)
+    logp, old = torch.randn(6, 5), torch.randn(6, 5)
+    mask = (torch.rand(6, 5) > 0.3).float()
+    mask[:, 0] = 1
+    adv = torch.randn(6)
+    whole, _ = policy_loss(logp, old, adv, mask, agg=agg, max_len=5)
+    parts = sum(policy_loss(logp[s], old[s], adv[s], mask[s], agg=agg, max_len=5)[0] * micro_weight(mask[s], mask, agg)
+                for s in (slice(0, 2), slice(2, 5), slice(5, 6)))
+    assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
+
+
+# ---- the script -------------------------------------------------------------------------------------------------
+SMALL = ["--prompts_per_step", "4", "--group_size", "4", "--eval_prompts", "8", "--eval_samples", "16",
+         "--log_examples_every", "1"]
+
+
+def records(d):
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_importing_grpo_starts_nothing():
+    assert hasattr(grpo, "main") and grpo.Args().model == "tiny"
+
+
+def test_grpo_smoke(tiny_cache, tmp_path):
+    p = run_script("grpo.py", "--max_steps", "3", "--eval_every", "2", "--output_dir", str(tmp_path), *SMALL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = records(tmp_path)
+    assert recs[0]["args"]["max_steps"] == 3 and recs[1]["step"] == 0 and "eval/pass@16" in recs[1]
+    steps = [r for r in recs[2:]]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for k in ["reward/mean", "loss/policy", "policy/clipfrac", "policy/entropy", "response/len", "perf/sample_s",
+              "perf/update_s"]:
+        assert all(math.isfinite(r[k]) for r in steps), k
+    assert "eval/pass@1" in steps[1] and "eval/pass@1" in steps[2] and "eval/pass@1" not in steps[0]
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "final" / "config.json").exists()
+    assert "reward" in p.stderr + p.stdout
+
+
+def test_resume_is_bit_for_bit(tiny_cache, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--eval_every", "2", "--save_every", "2", *SMALL]
+    assert run_script("grpo.py", "--max_steps", "4", "--output_dir", str(a), *common).returncode == 0
+    assert run_script("grpo.py", "--max_steps", "2", "--output_dir", str(b), *common).returncode == 0
+    p = run_script("grpo.py", "--max_steps", "4", "--output_dir", str(b), "--resume", "true", *common)
+    assert p.returncode == 0 and "resumed" in p.stdout, p.stdout + p.stderr
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/") or k == "perf/grad_norm"} for r in rs]
+    assert strip(records(a)[1:]) == strip(records(b)[1:])
+    wa, wb = torch.load(a / "checkpoint.pt"), torch.load(b / "checkpoint.pt")
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_cache, tmp_path):
+    p = run_script("grpo.py", "--max_steps", "6", "--save_every", "1", "--eval_every", "0", "--lr", "1e6",
+                   "--output_dir", str(tmp_path), *SMALL)
+    assert p.returncode != 0
+    assert "stopping" in p.stdout + p.stderr and "last good checkpoint" in p.stdout + p.stderr
+    ckpt = torch.load(tmp_path / "checkpoint.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_torchrun_two_ranks_stay_identical(tiny_cache, tmp_path):
+    p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                   str(ROOT / "tests" / "ddp_check.py"), "--max_steps", "2", "--eval_every", "2",
+                   "--output_dir", str(tmp_path), *SMALL, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (tmp_path / "params_equal").read_text() == "True"
+    assert [r["step"] for r in records(tmp_path)[1:]] == [0, 1, 2]  # one metrics file, written once per step
+    assert not list(tmp_path.glob("metrics*rank*"))
+
+
+def test_grpo_learns_on_the_tiny_task(tiny_cache, tmp_path):
+    """SFT warm start (fixture) + GRPO: held-out pass@1 must rise clearly."""
+    p = run_script("grpo.py", "--max_steps", "60", "--eval_every", "60", "--eval_prompts", "128",
+                   "--output_dir", str(tmp_path))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    recs = records(tmp_path)
+    before, after = recs[1], recs[-1]
+    assert after["eval/pass@1"] - before["eval/pass@1"] >= 0.1, (before, after)
