@@ -167,6 +167,9 @@ def main(args: Args):
     policy = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     def checkpoint(step):
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise SystemExit(f"step {step}: non-finite weights; stopping without overwriting the last good checkpoint "
+                             f"{out_dir / 'checkpoint.pt'}")
         if main_rank:
             save_checkpoint(out_dir / "checkpoint.pt", {"model": model.state_dict(), "step": step,
                                                          "optimizer": optimizer.state_dict(), "args": asdict(args)})
