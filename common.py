@@ -452,6 +452,7 @@ class VLLMSampler:
         from vllm import LLM
 
         rng_state = (torch.get_rng_state(), np.random.get_state())  # vLLM reseeds the global RNGs at build
+        threads = torch.get_num_threads()  # ...and on CPU drops the trainer to one thread (vllm_cpu.md trap 5)
         kw = dict(gpu_memory_utilization=gpu_memory_utilization) if torch.cuda.is_available() else dict(
             kv_cache_memory_bytes=256 * 2**20)
         self.llm = LLM(model=model_path, tokenizer=model_path, dtype=str(dtype).replace("torch.", ""), seed=seed,
@@ -459,6 +460,7 @@ class VLLMSampler:
                        logprobs_mode="processed_logprobs", enable_prefix_caching=False, **kw)
         torch.set_rng_state(rng_state[0])
         np.random.set_state(rng_state[1])
+        torch.set_num_threads(threads)
         self.tok = tok
 
     def push_weights(self, model):
