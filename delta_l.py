@@ -58,7 +58,7 @@ class Args:
     beta: float = 0.0  # k3 KL to the initial policy; 0 loads no reference model
     scale_std: bool = True  # divide the advantage by the group std (False = Dr. GRPO)
     agg: str = "delta_l"  # delta_l | grpo (seq-mean-token-mean) | dapo (token-mean) | dr_grpo (token sum / (B * M))
-    alpha: float = 1.0  # Delta-L exponent: c_i ~ L_i^(-alpha); 1 = minimum variance (CountDown), 0.75 in the Math runs
+    alpha: float = 1.0  # Delta-L exponent, c_i ~ L_i^(-alpha): 1 = minimum variance (CountDown), 0.75 in Math runs
     logprob_chunk: int = 512  # response tokens projected to the vocabulary at a time
     eval_every: int = 10  # steps between evaluations on held-out prompts (0 = only at the end)
     eval_prompts: int = 128  # held-out prompts per evaluation
@@ -96,8 +96,8 @@ def aggregate(token_loss, mask, mode: str = "delta_l", alpha: float = 1.0, max_l
         return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     if mode in ("dr_grpo", "seq-mean-token-sum-norm"):  # Dr. GRPO: token sum / (B * M), c_i = 1 / (B M)
         return (token_loss * mask).sum() / (mask.shape[0] * (max_len or mask.shape[1]))
-    if mode == "delta_l":  # delta_l.md §2. Scope (§6): the rows of one optimizer step = the whole rollout batch at the
-        # default --mini_batches 1 (micro_weight rescales micro-batches); with --mini_batches > 1 renormalised per
+    if mode == "delta_l":  # delta_l.md §2. Scope (§6): the rows of one optimizer step = the whole rollout batch at
+        # the default --mini_batches 1 (micro_weight rescales micro-batches); with --mini_batches > 1 renormalised per
         # step, and per rank under torchrun (DDP averages ranks, so sum_i c_i = 1/M still holds): both allowed by §6
         c = delta_l_weights(mask.sum(-1), alpha, max_len or mask.shape[1])  # [B]  sum_i c_i = 1/M
         return (c * (token_loss * mask).sum(-1)).sum()  # delta_l.md §3 LOSS = sum_i c_i sum_t m l
@@ -246,7 +246,8 @@ def main(args: Args):
                             if not torch.isfinite(loss):
                                 raise SystemExit(f"step {step}: loss is {loss.item()}; stopping. The last good "
                                                  f"checkpoint is {out_dir / 'checkpoint.pt'}")
-                            (loss * micro_weight(micro["mask"], mini["mask"], args.agg, args.alpha)).backward()  # DELTA_L
+                            share = micro_weight(micro["mask"], mini["mask"], args.agg, args.alpha)  # DELTA_L: alpha
+                            (loss * share).backward()
                         st["loss/policy"] = loss.item()
                         st["policy/entropy"] = masked_mean(out["entropy"].detach(), micro["mask"]).item()
                         logs.append(st)
@@ -269,7 +270,8 @@ def main(args: Args):
                     "response/truncated": float(np.mean([f == "length" for f in samples.finish]))})
         rec.update({f"perf/{k}_s": v for k, v in timer.s.items()})
         c = delta_l_weights(lens, args.alpha, max_new)  # DELTA_L: [B] this batch's weights, logged for any --agg
-        gain = aggregate(batch["mask"] / lens.clamp(min=1)[:, None], batch["mask"], args.agg, args.alpha, max_new)
+        gain = aggregate(batch["mask"] / lens.clamp(min=1)[:, None], batch["mask"], args.agg, args.alpha,
+                         max_new)  # DELTA_L: sum_i c_i, since each row's token loss 1/L_i sums to 1
         rec.update({"loss/gain": max_new * gain.item(),  # DELTA_L: M sum_i c_i (§3 "gain"); 1 = length-free, unbiased
                     "policy/dl_weight_spread": (c.max() / c.min()).item()})  # DELTA_L: max/min c_i over the batch
         if world > 1:  # mean over ranks

@@ -94,20 +94,75 @@ def aggregate(token_loss, mask, agg: str = "token-mean", max_len: int = None):
     raise ValueError(f"unknown agg {agg!r}")
 
 
-def policy_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, agg="token-mean", max_len=None,
-                ref_logp=None, beta=0.0):
-    """PPO-clip on the token ratio, plus beta * k3 KL to the reference. logp, old_logp, ref_logp, mask: [B, T];
-    adv: [B]. Returns (scalar loss, stats dict of floats)."""
-    ratio = torch.exp((logp - old_logp).clamp(-20, 20))  # [B, T]
+def divergence(logp, behavior_logp, kind="binary_tv", topk_behavior_logp=None, topk_logp=None):
+    """D(mu || pi) at each response token, without gradient, fp32 out. logp, behavior_logp: [B, T] log pi / log mu of
+    the sampled token; topk_*: [B, T, K] log mu / log pi on mu's top-K ids with the sampled token included (slots
+    at -inf count as absent, see with_sampled_token). Each estimate is a lower bound of the exact one (dppo.md §3)."""
+    logp, behavior_logp = logp.detach().double(), behavior_logp.detach().double()  # [B, T]
+    if kind == "binary_tv":  # |mu(y) - pi(y)|: TV of Bernoulli(m) vs Bernoulli(p)  dppo.md §3
+        return (behavior_logp.exp() - logp.exp()).abs().float()  # [B, T]
+    if kind == "binary_kl":  # m log(m/p) + (1-m) log((1-m+1e-8)/(1-p+1e-8))  dppo.md §3 (paper eq. 14)
+        rest_m, rest_p = -torch.expm1(behavior_logp), -torch.expm1(logp)  # [B, T]  1 - m, 1 - p
+        kl = behavior_logp.exp() * (behavior_logp - logp) + rest_m * ((rest_m + 1e-8).log() - (rest_p + 1e-8).log())
+        return kl.float()  # [B, T]
+    if kind in ("topk_tv", "topk_kl"):  # reduced distributions over S_t and "other"  dppo.md §3 (paper eq. 15/16)
+        lq_mu, lq_pi = topk_behavior_logp.detach().double(), topk_logp.detach().double()  # [B, T, K]
+        other_mu = (1 - lq_mu.exp().sum(-1)).clamp(min=1e-12)  # [B, T]  clamped at 1e-12, as the official code
+        other_pi = (1 - lq_pi.exp().sum(-1)).clamp(min=1e-12)  # [B, T]
+        if kind == "topk_tv":
+            d = 0.5 * ((lq_mu.exp() - lq_pi.exp()).abs().sum(-1) + (other_mu - other_pi).abs())  # [B, T]
+        else:  # masses clamped at 1e-12; an absent slot (mu = 0) adds 0 * finite = 0
+            floor = torch.log(torch.tensor(1e-12, dtype=torch.float64))
+            d = (lq_mu.exp() * (lq_mu.clamp(min=floor) - lq_pi.clamp(min=floor))).sum(-1) \
+                + other_mu * (other_mu.log() - other_pi.log())  # [B, T]
+        return d.float()
+    raise ValueError(f"unknown divergence {kind!r}: binary_tv | binary_kl | topk_tv | topk_kl")
+
+
+def trust_region_mask(div, ratio, adv, delta_low, delta_high):
+    """M = 0 where the update moves away from mu and D > delta (dppo.md §2 eq. 12), else 1 (A = 0 included).
+    div, ratio: [B, T]; adv: [B]. With div = |ratio - 1| and delta = eps it is PPO's clip gate (dppo.md §2)."""
     a = adv[:, None]  # [B, 1]
-    unclipped = -a * ratio  # [B, T]
-    clipped = -a * ratio.clamp(1 - eps_low, 1 + eps_high)  # [B, T]
-    token_loss = torch.max(unclipped, clipped)  # [B, T]  PPO: the pessimistic of the two
-    stats = {"policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-             "policy/ratio": masked_mean(ratio.detach(), mask).item()}
+    cut = ((a > 0) & (ratio > 1) & (div > delta_high)) | ((a < 0) & (ratio < 1) & (div > delta_low))  # [B, T]
+    return (~cut).float()  # [B, T]
+
+
+def with_sampled_token(topk_lp, topk_ids, lp, response_ids):
+    """mu's top-K plus the sampled token as slot K+1 (the paper's union, dppo.md §7 recommended default, not the
+    code's overwrite of slot K). Where the sampled token is already in the top-K, slot K+1 is -inf (mass 0), so
+    nothing is counted twice. topk_lp, topk_ids: [B, T, K]; lp, response_ids: [B, T] -> [B, T, K+1]."""
+    dup = (topk_ids == response_ids[..., None]).any(-1)  # [B, T]
+    return torch.cat([topk_lp, lp.masked_fill(dup, float("-inf"))[..., None]], -1)  # [B, T, K+1]
+
+
+def dppo_loss(logp, behavior_logp, adv, mask, kind="binary_tv", delta=0.15, is_cap=5.0, max_len=None,
+              topk_behavior_logp=None, topk_logp=None, delta_low=None, agg="seq-mean-token-sum-norm",
+              eps_low=0.2, eps_high=0.2, ref_logp=None, beta=0.0):
+    """Divergence-gated truncated-IS policy gradient. logp (with grad), behavior_logp (= old_logp, the sampler's),
+    mask: [B, T]; adv: [B]; delta for A > 0 tokens, delta_low (None = delta) for A < 0; eps_* only feed the
+    policy/ppo_clipfrac diagnostic. Returns (scalar loss, stats dict of floats)."""
+    old_logp = behavior_logp.detach()  # [B, T]  mu, stored at generation time (dppo.md §4)
+    with torch.no_grad():  # M, r and D carry no gradient (dppo.md §2)
+        ratio = torch.exp((logp.detach() - old_logp).clamp(-20, 20))  # [B, T]  log r clamped at 20, as the code
+        div = divergence(logp, old_logp, kind, topk_behavior_logp, topk_logp)  # [B, T]
+        keep = trust_region_mask(div, ratio, adv, delta if delta_low is None else delta_low, delta)  # [B, T]
+        weight = ratio.clamp(max=is_cap)  # [B, T]  sg(min(r, C)): weight C above the cap, not 0 (dppo.md §2)
+    a = adv[:, None]  # [B, 1]
+    token_loss = -keep * weight * a * logp  # [B, T]  l_t = -sg(M) sg(min(r, C)) A log pi  dppo.md §2 (paper eq. 23)
+    cut = (1 - keep) * mask  # [B, T]
+    ppo_cut = 1 - trust_region_mask((ratio - 1).abs(), ratio, adv, eps_low, eps_high)  # [B, T]  dppo.md §2
+    n = mask.sum().clamp(min=1)
+    stats = {"policy/masked_frac": (cut.sum() / n).item(),  # share of response tokens whose gradient is cut
+             "policy/masked_frac_pos": (cut * (a > 0)).sum().item() / n.item(),  # ... of them with A > 0
+             "policy/masked_frac_neg": (cut * (a < 0)).sum().item() / n.item(),  # ... of them with A < 0
+             "policy/divergence": masked_mean(div, mask).item(),
+             "policy/abs_pi_mu": masked_mean((logp.detach().exp() - old_logp.exp()).abs(), mask).item(),
+             "policy/ppo_clipfrac": masked_mean(ppo_cut, mask).item(),  # what GRPO's clip would have cut
+             "policy/is_capped": masked_mean((ratio > is_cap).float(), mask).item(),
+             "policy/ratio": masked_mean(ratio, mask).item()}
     if ref_logp is not None and beta > 0:
         d = (ref_logp - logp).clamp(-20, 20)  # [B, T]
-        kl = torch.exp(d) - d - 1  # [B, T]  k3 estimator of KL(pi || pi_ref), >= 0
+        kl = torch.exp(d) - d - 1  # [B, T]  k3 estimator of KL(pi || pi_ref), >= 0 (off by default, dppo.md §5)
         token_loss = token_loss + beta * kl
         stats["policy/kl"] = masked_mean(kl.detach(), mask).item()
     return aggregate(token_loss, mask, agg, max_len), stats
@@ -140,6 +195,10 @@ def main(args: Args):
     builtin = level is not None
     max_new = args.max_new_tokens or (12 if builtin else 512)
     lr = args.lr or (3e-4 if args.model == "tiny" else 1e-6)
+    delta = args.delta or (0.15 if args.divergence.endswith("tv") else 0.05)  # DPPO: dppo.md §3 table
+    topk = args.topk if args.divergence.startswith("topk") else 0  # DPPO: mu's top-K only for topk_*
+    if args.divergence not in ("binary_tv", "binary_kl", "topk_tv", "topk_kl"):  # DPPO
+        raise SystemExit(f"--divergence must be binary_tv, binary_kl, topk_tv or topk_kl, not {args.divergence!r}")
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must divide by the {world} ranks")
     n_prompts = args.prompts_per_step // world  # this rank's share; a group never spans ranks
@@ -201,20 +260,22 @@ def main(args: Args):
         examples = [train[i] for i in rng.choice(len(train), n_prompts, replace=False)]
         with timer("sample"):
             samples = sampler.generate(model, encode_prompts(tok, examples), args.group_size, max_new,
-                                       temperature=args.temperature, seed=args.seed * 1_000_003 + step * 101 + rank)
+                                       temperature=args.temperature, seed=args.seed * 1_000_003 + step * 101 + rank,
+                                       topk=topk)  # DPPO: behaviour top-K ids and log-probs for topk_*
         with timer("score"):
             texts = decode(tok, samples.response_ids)
             per_seq = [e for e in examples for _ in range(args.group_size)]
             reward = torch.tensor([score(e, c) for e, c in zip(per_seq, texts)], device=device)  # [B]
         batch = collate(samples, tok.pad_token_id, device)  # input_ids [B, Tp+T]; mask, old_logp [B, T]
+        # DPPO: old_logp is mu, the sampler's own log-probs, the anchor of every mini-batch (dppo.md §4)
 
         # ---- advantage ----
-        batch["adv"] = group_advantages(reward, args.group_size, args.scale_std)  # [B]  GRPO Eq. 3
+        batch["adv"] = group_advantages(reward, args.group_size, args.scale_std)  # [B]  DPPO: R - mean, dppo.md §5
         with timer("logp"), torch.no_grad():
             if ref_model is not None:
                 batch["ref_logp"] = token_logprobs(ref_model, batch, args.temperature, args.logprob_chunk)["logp"]
 
-        # ---- update: epochs x mini-batches of PPO-clip steps ----
+        # ---- update: epochs x mini-batches of DPPO steps ----
         policy.train()
         logs = []
         with timer("update"):
@@ -226,10 +287,18 @@ def main(args: Args):
                         micro = take(mini, slice(s, s + mb))
                         last = s + mb >= len(mini_idx)
                         with contextlib.nullcontext() if last or world == 1 else policy.no_sync():
-                            out = token_logprobs(policy, micro, args.temperature, args.logprob_chunk, with_entropy=True)
-                            loss, st = policy_loss(out["logp"], micro["old_logp"], micro["adv"], micro["mask"],
-                                                   args.eps_low, args.eps_high, args.agg, max_new,
-                                                   micro.get("ref_logp"), args.beta)
+                            out = token_logprobs(policy, micro, args.temperature, args.logprob_chunk, with_entropy=True,
+                                                 extra_ids=micro.get("topk_ids"))  # DPPO: + log pi on mu's top-K
+                            tk_mu = tk_pi = None  # DPPO: [B, T, K+1] top-K + sampled token, for topk_* only
+                            if topk:
+                                tk_mu = with_sampled_token(micro["topk_old_logp"], micro["topk_ids"],
+                                                           micro["old_logp"], micro["response_ids"])
+                                tk_pi = with_sampled_token(out["extra_logp"], micro["topk_ids"],
+                                                           out["logp"].detach(), micro["response_ids"])
+                            loss, st = dppo_loss(out["logp"], micro["old_logp"], micro["adv"], micro["mask"],
+                                                 args.divergence, delta, args.is_cap, max_new, tk_mu, tk_pi,
+                                                 args.delta_low or None, args.agg, args.eps_low, args.eps_high,
+                                                 micro.get("ref_logp"), args.beta)  # DPPO: dppo.md §2
                             if not torch.isfinite(loss):
                                 raise SystemExit(f"step {step}: loss is {loss.item()}; stopping. The last good "
                                                  f"checkpoint is {out_dir / 'checkpoint.pt'}")
@@ -266,7 +335,8 @@ def main(args: Args):
             rec.update(run_eval(step + 1))
         append_metrics(out_dir / "metrics.jsonl", rec)
         tqdm.write(f"step {step:4d} | reward {rec['reward/mean']:.3f} | loss {rec['loss/policy']:+.4f} | "
-                   f"clip {rec['policy/clipfrac']:.3f} | entropy {rec['policy/entropy']:.3f} | "
+                   f"masked {rec['policy/masked_frac']:.3f} | entropy"  # DPPO: the gate's cut share
+                   f" {rec['policy/entropy']:.3f} | "
                    f"len {rec['response/len']:.1f} | {sum(timer.s.values()):.2f}s")
         if args.log_examples_every and step % args.log_examples_every == 0:
             for e, c, r in list(zip(per_seq, texts, reward.tolist()))[:: args.group_size][:3]:

@@ -1,15 +1,19 @@
-"""GRPO: the baseline every other trainer in this repo is a copy of.
+"""Lp-Reg: GRPO that protects low-probability "reasoning spark" tokens with a min-p proxy forward KL.
 
-Group Relative Policy Optimization (Shao et al. 2024, arXiv 2402.03300), as most RLVR papers run it:
-  1. sample G responses per prompt from the current policy (the sampling policy, `old_logp`);
-  2. score each with a verifier: reward 1.0 correct, 0.0 otherwise;
-  3. advantage = (reward - group mean) / (group std + eps), the same for every token of a response;
-  4. PPO-clip loss on the token ratio pi / pi_old, optional k3 KL to the initial policy (beta, default 0);
-  5. a few optimizer steps on the batch, push the new weights to the sampler, repeat.
+Huang et al., "Low-probability Tokens Sustain Exploration in RLVR", arXiv 2510.03222; spec: shared/specs/lp_reg.md.
+Deviations from grpo.py:
+  1. after sampling, a no-grad forward of the sampling policy pi_old builds the proxy pi_proxy: keep the tokens with
+     p >= kappa * max p (min-p, kappa = 0.02), renormalize, store log pi_proxy of each sampled token (chunked);
+  2. per optimizer mini-batch, among the valid tokens with advantage < 0 take the rho = 1% with the lowest current
+     log-prob, and keep those with log pi_theta < log pi_proxy (noise tokens, filtered by min-p, are never kept): S;
+  3. tokens in S get the unclipped policy-gradient term plus beta * clamp(k3(pi_proxy / pi_theta), 10), beta = 1;
+  4. every other token gets the PPO min with clip range [0, 10] (eps_low 1, eps_high 9); token-mean over all tokens;
+  5. |S| is logged every step (policy/lp_selected): with fewer than 2 / rho negative tokens nothing is selected and
+     the step is plain GRPO (the official code's k <= 1 rule).
 
-CPU, embedded tiny model, ~2 minutes:  python grpo.py
-GPU (pip install vllm):                python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k
-Several GPUs, data parallel:           torchrun --nproc_per_node 8 grpo.py --model ... --task gsm8k
+CPU, embedded tiny model, ~2 minutes:  python lp_reg.py
+GPU (pip install vllm):                python lp_reg.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k
+Several GPUs, data parallel:           torchrun --nproc_per_node 8 lp_reg.py --model ... --task gsm8k
 """
 import contextlib
 import copy
@@ -17,14 +21,16 @@ import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import math
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from common import (Timer, append_metrics, collate, decode, drop_long_prompts, encode_prompts, evaluate,
-                    init_distributed, load_model_and_tokenizer, load_task, make_sampler, masked_mean,
-                    parse_task_name, pick_device, pick_dtype, resolve_model_path, save_checkpoint, score,
-                    token_logprobs, truncate_metrics)
+                    init_distributed, load_model_and_tokenizer, load_task, make_sampler, masked_mean, output_weight,
+                    parse_task_name, pick_device, pick_dtype, resolve_model_path, response_hidden, save_checkpoint,
+                    score, token_logprobs, truncate_metrics)
 
 
 @dataclass
@@ -32,7 +38,7 @@ class Args:
     model: str = "tiny"  # "tiny" (embedded default, built on first use), a Hugging Face id, or a local folder
     task: str = "countdown"  # countdown[:n numbers], arithmetic[:digits], gsm8k, math500, or a .jsonl path
     backend: str = "auto"  # sampler: hf | vllm | auto (vLLM when it imports and the device is CUDA)
-    output_dir: str = "runs/grpo"  # metrics.jsonl, checkpoint.pt and final/ go here
+    output_dir: str = "runs/lp_reg"  # metrics.jsonl, checkpoint.pt and final/ go here
     seed: int = 0  # seeds python/numpy/torch; sampling seeds derive from (seed, step)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
@@ -49,11 +55,16 @@ class Args:
     epochs: int = 1  # passes over each rollout batch
     mini_batches: int = 1  # optimizer steps per pass (epochs * mini_batches steps per rollout batch)
     micro_batch_size: int = 0  # sequences per forward/backward (gradient accumulation); 0 = whole mini-batch
-    eps_low: float = 0.2  # PPO clip: ratio >= 1 - eps_low
-    eps_high: float = 0.2  # PPO clip: ratio <= 1 + eps_high (DAPO's clip-higher uses 0.28)
+    eps_low: float = 1.0  # LP_REG: PPO clip: ratio >= 1 - eps_low (lp_reg.md §4: lower bound removed, range [0, 10])
+    eps_high: float = 9.0  # LP_REG: PPO clip: ratio <= 1 + eps_high (U = 10 for numerical stability)
     beta: float = 0.0  # k3 KL to the initial policy; 0 loads no reference model
     scale_std: bool = True  # divide the advantage by the group std (False = Dr. GRPO)
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean (original GRPO) | seq-mean-token-sum-norm (Dr. GRPO)
+    kappa: float = 0.02  # LP_REG: min-p filter of the proxy: keep tokens with p >= kappa * max p
+    rho: float = 0.01  # LP_REG: share of the negative-advantage tokens (lowest current prob) that may be regularized
+    lp_beta: float = 1.0  # LP_REG: weight of the proxy KL on the selected tokens (paper's beta, [C] ppo_kl_coef)
+    select_scope: str = "mini-batch"  # LP_REG: mini-batch (lp_reg.md A2 default) | micro-batch (official code)
+    full_kl_k: int = 0  # LP_REG: 0 = sampled-token k3 (A3 default); k > 0 = full forward KL over pi_proxy's top-k
     logprob_chunk: int = 512  # response tokens projected to the vocabulary at a time
     eval_every: int = 10  # steps between evaluations on held-out prompts (0 = only at the end)
     eval_prompts: int = 128  # held-out prompts per evaluation
@@ -85,21 +96,101 @@ def aggregate(token_loss, mask, agg: str = "token-mean", max_len: int = None):
     raise ValueError(f"unknown agg {agg!r}")
 
 
-def policy_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, agg="token-mean", max_len=None,
-                ref_logp=None, beta=0.0):
-    """PPO-clip on the token ratio, plus beta * k3 KL to the reference. logp, old_logp, ref_logp, mask: [B, T];
-    adv: [B]. Returns (scalar loss, stats dict of floats)."""
+def minp_proxy_logp(logits, tokens, kappa: float = 0.02):
+    """log pi_proxy(token) under the min-p proxy of softmax(logits): tokens with p >= kappa * max p are kept and
+    renormalized, the others get -1e4 (as [C], not -inf). logits: [N, V] (already / temperature), tokens: [N] -> [N].
+    lp_reg.md §2 Eq. 5: log pi_proxy = log p - log Z on kept tokens, Z = kept mass."""
+    lp = torch.log_softmax(logits.float(), -1)  # [N, V]
+    keep = lp >= lp.amax(-1, keepdim=True) + math.log(kappa) if kappa > 0 else torch.ones_like(lp, dtype=torch.bool)
+    log_z = lp.masked_fill(~keep, float("-inf")).logsumexp(-1)  # [N]  log of the kept mass, <= 0
+    log_z = log_z.masked_fill(keep.all(-1), 0.0)  # [N]  nothing filtered: pi_proxy = p exactly, no rounding
+    tok_lp = lp.gather(-1, tokens[:, None]).squeeze(-1)  # [N]
+    return torch.where(keep.gather(-1, tokens[:, None]).squeeze(-1), tok_lp - log_z, torch.full_like(tok_lp, -1e4))
+
+
+def minp_proxy_topk(logits, kappa: float, k: int):
+    """Full-KL option: pi_proxy's k most likely tokens and their log-probs renormalized over those k (exact when the
+    min-p set has <= k tokens; filtered slots get -1e4). logits: [N, V] -> ids [N, k], logp [N, k]."""
+    lp = torch.log_softmax(logits.float(), -1)  # [N, V]
+    top, ids = lp.topk(min(k, lp.shape[-1]), -1)  # [N, k]
+    keep = top >= top[:, :1] + math.log(kappa) if kappa > 0 else torch.ones_like(top, dtype=torch.bool)
+    top = top.masked_fill(~keep, float("-inf"))  # [N, k]
+    return ids, (top - top.logsumexp(-1, keepdim=True)).masked_fill(~keep, -1e4)  # [N, k], [N, k]
+
+
+@torch.no_grad()
+def proxy_logprobs(model, batch: dict, temperature: float, kappa: float, chunk_size: int = 512, full_k: int = 0):
+    """The data-generating policy's proxy at every response token, `chunk_size` rows projected to the vocabulary at
+    a time (never a [B, T, V] tensor): {"proxy_logp": [B, T]} and, if full_k, "proxy_ids"/"proxy_topk_logp" [B, T, k]."""
+    mask = batch["mask"]  # [B, T]
+    B, T = mask.shape
+    h = response_hidden(model, batch["input_ids"], batch["attention_mask"], T).reshape(B * T, -1)  # [B*T, H]
+    rows = mask.reshape(-1).nonzero().squeeze(-1)  # [N]
+    tgt, weight = batch["response_ids"].reshape(-1)[rows], output_weight(model)  # [N], [V, H]
+    out = {"proxy_logp": torch.zeros(B * T, device=mask.device)}  # [B*T]; 0 off the mask
+    if full_k:
+        K = min(full_k, weight.shape[0])
+        out["proxy_ids"] = torch.zeros(B * T, K, dtype=torch.long, device=mask.device)  # [B*T, K]
+        out["proxy_topk_logp"] = torch.full((B * T, K), -1e4, device=mask.device)  # [B*T, K]
+    for s in range(0, len(rows), chunk_size):
+        r = rows[s: s + chunk_size]
+        logits = (h[r] @ weight.T).float() / temperature  # [n, V]: one chunk only (lp_reg.md A7: filter what was sampled)
+        out["proxy_logp"][r] = minp_proxy_logp(logits, tgt[s: s + chunk_size], kappa)  # [n]
+        if full_k:
+            out["proxy_ids"][r], out["proxy_topk_logp"][r] = minp_proxy_topk(logits, kappa, full_k)  # [n, K]
+    return {k: v.reshape(B, T, *v.shape[1:]) for k, v in out.items()}
+
+
+def select_tokens(logp, adv, mask, rho: float = 0.01):
+    """S: the k = floor(rho * |N|) tokens with the smallest logp among the valid tokens with adv < 0 (N); empty if
+    k <= 1 (lp_reg.md §3 steps 1-3, A1 and A6: [C]'s population and its k <= 1 rule). logp, mask: [B, T]; adv: [B]."""
+    neg = (mask > 0) & (adv[:, None] < 0)  # [B, T]
+    k = int(rho * neg.sum().item() + 1e-9)
+    sel = torch.zeros(neg.numel(), dtype=torch.bool, device=logp.device)  # [B*T]
+    if k > 1:
+        sel[logp.detach().masked_fill(~neg, float("inf")).reshape(-1).topk(k, largest=False).indices] = True
+    return sel.reshape(neg.shape)  # [B, T]
+
+
+def k3(logp, proxy_logp):
+    """Sampled-token k3 with ratio pi_proxy / pi_theta: exp(d) - d - 1, d = proxy_logp - logp ([B, T] -> [B, T]).
+    Its expected gradient over o ~ pi_theta is that of the forward KL(pi_proxy || pi_theta) (lp_reg.md §4, §6.8).
+    d is capped at 20 (no overflow); a filtered token (proxy_logp = -1e4) keeps a finite value and gradient."""
+    d = (proxy_logp - logp).clamp(max=20)  # [B, T]
+    return torch.exp(d) - d - 1  # [B, T]  >= 0, 0 iff logp = proxy_logp
+
+
+def full_proxy_kl(topk_logp, proxy_topk_logp):
+    """KL(pi_proxy || pi_theta) over pi_proxy's stored top-k tokens (lp_reg.md §4 full-vocabulary option).
+    topk_logp: log pi_theta of those ids [B, T, k]; proxy_topk_logp: [B, T, k] (-1e4 = filtered) -> [B, T]."""
+    w = proxy_topk_logp.exp()  # [B, T, k]  0 on filtered slots
+    return (w * (proxy_topk_logp - topk_logp)).sum(-1)  # [B, T]
+
+
+def lp_reg_loss(logp, old_logp, proxy_logp, adv, mask, rho=0.01, beta=1.0, clip_low=1.0, clip_high=9.0,
+                agg="token-mean", max_len=None, ref_logp=None, ref_beta=0.0, select=None, full_kl=None):
+    """Lp-Reg loss (lp_reg.md §4 code form): PPO-clip with range [1 - clip_low, 1 + clip_high] on unselected tokens,
+    unclipped PG + beta * clamp(k3) on the selected ones; plus ref_beta * k3 KL to the reference. logp, old_logp,
+    proxy_logp, ref_logp, mask: [B, T]; adv: [B]; select: [B, T] bool (None = select here, over this batch);
+    full_kl: [B, T] (replaces k3 when given). Returns (scalar loss, stats dict of floats)."""
     ratio = torch.exp((logp - old_logp).clamp(-20, 20))  # [B, T]
     a = adv[:, None]  # [B, 1]
     unclipped = -a * ratio  # [B, T]
-    clipped = -a * ratio.clamp(1 - eps_low, 1 + eps_high)  # [B, T]
-    token_loss = torch.max(unclipped, clipped)  # [B, T]  PPO: the pessimistic of the two
+    clipped = -a * ratio.clamp(1 - clip_low, 1 + clip_high)  # [B, T]
+    token_loss = torch.max(unclipped, clipped)  # [B, T]  lp_reg.md §4 base_t (A5: [C]'s PPO min, range [0, 10])
+    if select is None:
+        select = select_tokens(logp, adv, mask, rho)  # [B, T]  lp_reg.md §3 steps 1-3
+    m = select & (mask > 0) & (logp.detach() < proxy_logp)  # [B, T]  lp_reg.md §3 step 4 (A4: keep lp < lp_prox)
+    kl = full_kl if full_kl is not None else k3(logp, proxy_logp).clamp(-10, 10)  # [B, T]  lp_reg.md §4 k3_t (A3)
+    token_loss = torch.where(m, unclipped + beta * kl, token_loss)  # [B, T]  lp_reg.md §4 Eq. 6: loss_t (reg_t on S)
     stats = {"policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-             "policy/ratio": masked_mean(ratio.detach(), mask).item()}
-    if ref_logp is not None and beta > 0:
+             "policy/ratio": masked_mean(ratio.detach(), mask).item(),
+             "policy/lp_selected": m.sum().item(), "policy/lp_candidates": select.sum().item(),
+             "policy/lp_kl": masked_mean(kl.detach(), m.float()).item()}
+    if ref_logp is not None and ref_beta > 0:
         d = (ref_logp - logp).clamp(-20, 20)  # [B, T]
         kl = torch.exp(d) - d - 1  # [B, T]  k3 estimator of KL(pi || pi_ref), >= 0
-        token_loss = token_loss + beta * kl
+        token_loss = token_loss + ref_beta * kl
         stats["policy/kl"] = masked_mean(kl.detach(), mask).item()
     return aggregate(token_loss, mask, agg, max_len), stats
 
@@ -131,6 +222,8 @@ def main(args: Args):
     builtin = level is not None
     max_new = args.max_new_tokens or (12 if builtin else 512)
     lr = args.lr or (3e-4 if args.model == "tiny" else 1e-6)
+    if args.select_scope not in ("mini-batch", "micro-batch"):  # LP_REG
+        raise SystemExit(f"--select_scope must be mini-batch or micro-batch, not {args.select_scope!r}")
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must divide by the {world} ranks")
     n_prompts = args.prompts_per_step // world  # this rank's share; a group never spans ranks
@@ -204,6 +297,8 @@ def main(args: Args):
         with timer("logp"), torch.no_grad():
             if ref_model is not None:
                 batch["ref_logp"] = token_logprobs(ref_model, batch, args.temperature, args.logprob_chunk)["logp"]
+            # LP_REG: the proxy from the data-generating policy (weights not yet updated), lp_reg.md §2 Eq. 5
+            batch.update(proxy_logprobs(model, batch, args.temperature, args.kappa, args.logprob_chunk, args.full_kl_k))
 
         # ---- update: epochs x mini-batches of PPO-clip steps ----
         policy.train()
@@ -213,14 +308,23 @@ def main(args: Args):
                 for mini_idx in np.array_split(rng.permutation(len(reward)), args.mini_batches):
                     mini = take(batch, torch.as_tensor(mini_idx, device=device))
                     mb = args.micro_batch_size or len(mini_idx)
+                    select = None  # LP_REG: S over the whole mini-batch (A2), also when it is split into micro-batches
+                    if args.select_scope == "mini-batch" and mb < len(mini_idx):
+                        with torch.no_grad():
+                            cur = token_logprobs(policy, mini, args.temperature, args.logprob_chunk)["logp"]  # [b, T]
+                        select = select_tokens(cur, mini["adv"], mini["mask"], args.rho)  # [b, T]  lp_reg.md §3
                     for s in range(0, len(mini_idx), mb):
                         micro = take(mini, slice(s, s + mb))
                         last = s + mb >= len(mini_idx)
                         with contextlib.nullcontext() if last or world == 1 else policy.no_sync():
-                            out = token_logprobs(policy, micro, args.temperature, args.logprob_chunk, with_entropy=True)
-                            loss, st = policy_loss(out["logp"], micro["old_logp"], micro["adv"], micro["mask"],
-                                                   args.eps_low, args.eps_high, args.agg, max_new,
-                                                   micro.get("ref_logp"), args.beta)
+                            out = token_logprobs(policy, micro, args.temperature, args.logprob_chunk, with_entropy=True,
+                                                 extra_ids=micro.get("proxy_ids"))  # LP_REG: pi_proxy's top-k ids
+                            full_kl = full_proxy_kl(out["extra_logp"], micro["proxy_topk_logp"]) if args.full_kl_k \
+                                else None  # LP_REG: full-vocabulary option, lp_reg.md §4 (A3)
+                            loss, st = lp_reg_loss(out["logp"], micro["old_logp"], micro["proxy_logp"], micro["adv"],
+                                                   micro["mask"], args.rho, args.lp_beta, args.eps_low, args.eps_high,
+                                                   args.agg, max_new, micro.get("ref_logp"), args.beta,
+                                                   None if select is None else select[s: s + mb], full_kl)  # LP_REG
                             if not torch.isfinite(loss):
                                 raise SystemExit(f"step {step}: loss is {loss.item()}; stopping. The last good "
                                                  f"checkpoint is {out_dir / 'checkpoint.pt'}")
@@ -240,6 +344,10 @@ def main(args: Args):
         # ---- log, evaluate, checkpoint ----
         lens = batch["mask"].sum(-1)  # [B]
         rec = {k: float(np.mean([d[k] for d in logs])) for k in logs[0]}
+        n_opt = args.epochs * args.mini_batches  # LP_REG: |S| per optimizer step, summed over its micro-batches
+        rec.update({k: sum(d[k] for d in logs) / n_opt for k in ("policy/lp_selected", "policy/lp_candidates")})
+        valid = batch["mask"] > 0  # LP_REG: share of sampled tokens that survive the min-p filter
+        rec["policy/proxy_kept"] = (batch["proxy_logp"][valid] > -1e3).float().mean().item()
         rec.update({"reward/mean": reward.mean().item(), "reward/std": reward.std().item(),
                     "reward/solved_groups": (reward.reshape(-1, args.group_size).amax(-1) > 0).float().mean().item(),
                     "reward/zero_std_groups": (reward.reshape(-1, args.group_size).std(-1) == 0).float().mean().item(),
@@ -258,7 +366,8 @@ def main(args: Args):
         append_metrics(out_dir / "metrics.jsonl", rec)
         tqdm.write(f"step {step:4d} | reward {rec['reward/mean']:.3f} | loss {rec['loss/policy']:+.4f} | "
                    f"clip {rec['policy/clipfrac']:.3f} | entropy {rec['policy/entropy']:.3f} | "
-                   f"len {rec['response/len']:.1f} | {sum(timer.s.values()):.2f}s")
+                   f"len {rec['response/len']:.1f} | |S| {rec['policy/lp_selected']:.0f} | "  # LP_REG
+                   f"{sum(timer.s.values()):.2f}s")
         if args.log_examples_every and step % args.log_examples_every == 0:
             for e, c, r in list(zip(per_seq, texts, reward.tolist()))[:: args.group_size][:3]:
                 tqdm.write(f"  {e.prompt!r} -> {c!r} reward {r:.0f}")

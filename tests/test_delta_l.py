@@ -1,0 +1,228 @@
+"""delta_l.py: the weights and every aggregation mode on hand-computed examples and naive references
+(shared/specs/delta_l.md §5), then the script itself for a few steps."""
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_script
+
+import delta_l
+from delta_l import aggregate, delta_l_weights, micro_weight, policy_loss
+
+MODES = ["delta_l", "grpo", "dapo", "dr_grpo"]
+
+
+def _batch(lengths, T=None, seed=0):
+    """Random per-token loss [N, T] with garbage beyond each length, and its mask."""
+    g = torch.Generator().manual_seed(seed)
+    T = T or max(lengths)
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).float()  # [N, T]
+    x = torch.randn(len(lengths), T, generator=g)
+    return torch.where(mask.bool(), x, torch.full_like(x, 1e6)), mask
+
+
+def coeffs(mask, mode, alpha=1.0, max_len=None):
+    """c_i of LOSS = sum_i c_i sum_t l_{i,t} (§3), read off by autograd: a token loss y_i / L_i per token."""
+    y = torch.zeros(mask.shape[0], requires_grad=True)
+    L = mask.sum(-1, keepdim=True)
+    return torch.autograd.grad(aggregate(y[:, None] * mask / L, mask, mode, alpha, max_len), y)[0]
+
+
+# ---- the weights (§2) -------------------------------------------------------------------------------------------
+def test_weights_hand_computed_and_exponent_is_negative():
+    # L = 1, 2, 4, M = 8, alpha = 1: L^-1 = 1, .5, .25, sum 1.75 -> c = 1 / (8 * 1.75) * (1, .5, .25) = (4, 2, 1) / 56
+    c = delta_l_weights(torch.tensor([1, 2, 4]), alpha=1.0, max_len=8)
+    assert torch.allclose(c, torch.tensor([4.0, 2, 1]) / 56)
+    assert c[0] > c[1] > c[2]  # shorter responses weigh more (L^(+alpha) would reverse this)
+    c = delta_l_weights(torch.tensor([1, 4]), alpha=0.5, max_len=2)  # L^-.5 = 1, .5 -> (1, .5) / (2 * 1.5)
+    assert torch.allclose(c, torch.tensor([1 / 3, 1 / 6]))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.75, 1.0, 1.5])
+def test_weights_sum_to_one_over_m_and_are_scale_free(alpha):  # §5.4, §5.5
+    torch.manual_seed(0)
+    for _ in range(5):
+        L = torch.randint(1, 4000, (16,))
+        c = delta_l_weights(L, alpha, max_len=4096)
+        assert c.shape == (16,) and (c > 0).all()
+        assert c.sum().item() == pytest.approx(1 / 4096, rel=1e-6)
+        assert torch.allclose(delta_l_weights(L * 7, alpha, max_len=4096), c, rtol=1e-5)
+        assert (c * 16 * 4096).mean().item() == pytest.approx(1.0, rel=1e-6)  # official w_i have mean 1
+
+
+def test_empty_response_does_not_divide_by_zero():
+    c = delta_l_weights(torch.tensor([0, 3, 5]), 1.0, max_len=12)
+    assert torch.isfinite(c).all() and c.sum().item() == pytest.approx(1 / 12)
+
+
+# ---- aggregation modes (§3, §5) -------------------------------------------------------------------------------------
+def test_aggregate_hand_computed():
+    x = torch.tensor([[1.0, 2, 3, 4], [5, 6, 99, 99]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    # delta_l, alpha = 1, M = 8: L = 4, 2 -> L^-1 = .25, .5 (sum .75) -> c = (1/24, 1/12); row sums 10, 11
+    assert aggregate(x, mask, "delta_l", 1.0, max_len=8).item() == pytest.approx(10 / 24 + 11 / 12)
+    assert aggregate(x, mask, max_len=8).item() == pytest.approx(10 / 24 + 11 / 12)  # default mode is delta_l
+    assert aggregate(x, mask, "grpo").item() == pytest.approx((10 / 4 + 11 / 2) / 2)
+    assert aggregate(x, mask, "dapo").item() == pytest.approx(21 / 6)
+    assert aggregate(x, mask, "dr_grpo", max_len=8).item() == pytest.approx(21 / 16)
+    assert aggregate(x, mask, "delta_l", max_len=8).dim() == 0
+    with pytest.raises(ValueError):
+        aggregate(x, mask, "bnpo")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_masked_tokens_contribute_nothing(mode):
+    x, mask = _batch([3, 7, 1, 5], T=9)
+    clean = torch.where(mask.bool(), x, torch.zeros_like(x))
+    assert aggregate(x, mask, mode, 0.75, 12).item() == pytest.approx(aggregate(clean, mask, mode, 0.75, 12).item())
+    xg = x.clone().requires_grad_(True)
+    aggregate(xg, mask, mode, 0.75, 12).backward()
+    assert (xg.grad[mask == 0] == 0).all() and (xg.grad[mask == 1] != 0).all()
+
+
+def test_equal_lengths_all_modes_agree_up_to_a_constant():  # §5.1
+    x, mask = _batch([5] * 6, T=8)
+    M, L = 12, 5
+    grpo_, dapo_, dr = (aggregate(x, mask, m, max_len=M) for m in ("grpo", "dapo", "dr_grpo"))
+    assert grpo_.item() == pytest.approx(dapo_.item(), abs=1e-6)
+    assert grpo_.item() == pytest.approx(M / L * dr.item(), abs=1e-6)
+    for alpha in (0.0, 0.5, 1.0):
+        assert aggregate(x, mask, "delta_l", alpha, M).item() == pytest.approx(dr.item(), abs=1e-6)
+
+
+def test_alpha_zero_is_dr_grpo_exactly():  # §5.2, loss and gradient, any lengths
+    x, mask = _batch([1, 9, 4, 12, 2, 7], T=12)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = aggregate(xa, mask, "delta_l", 0.0, 12), aggregate(xb, mask, "dr_grpo", max_len=12)
+    a.backward(), b.backward()
+    assert a.item() == pytest.approx(b.item(), rel=1e-6) and torch.allclose(xa.grad, xb.grad)
+
+
+def test_alpha_one_is_grpo_times_a_constant():  # §5.3
+    lengths = [1, 9, 4, 12, 2, 7]
+    x, mask = _batch(lengths, T=12)
+    N, M = len(lengths), 12
+    k = N / (M * sum(1 / L for L in lengths))
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = aggregate(xa, mask, "delta_l", 1.0, M), aggregate(xb, mask, "grpo")
+    a.backward(), b.backward()
+    assert a.item() == pytest.approx(k * b.item(), rel=1e-5)
+    assert torch.allclose(xa.grad, k * xb.grad, atol=1e-7)
+    assert torch.nn.functional.cosine_similarity(xa.grad.flatten(), xb.grad.flatten(), 0).item() == pytest.approx(1)
+
+
+def test_gain_is_length_free_only_for_delta_l_and_dr_grpo():  # §5.4, §5.10
+    M = 16
+    for lengths in ([2, 2, 3, 3], [10, 14, 16, 16], [1, 16, 5, 8]):
+        mask = _batch(lengths, T=16)[1]
+        L = torch.tensor(lengths, dtype=torch.float)
+        for alpha in (0.0, 0.5, 1.0):
+            assert coeffs(mask, "delta_l", alpha, M).sum().item() == pytest.approx(1 / M, rel=1e-5)
+        assert coeffs(mask, "dr_grpo", max_len=M).sum().item() == pytest.approx(1 / M, rel=1e-5)
+        assert coeffs(mask, "grpo").sum().item() == pytest.approx((1 / L).mean().item(), rel=1e-5)
+        assert coeffs(mask, "dapo").sum().item() == pytest.approx(1 / L.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_columns_change_nothing_with_a_fixed_m(mode):  # §5.7
+    x, mask = _batch([3, 7, 1, 5], T=7)
+    pad = lambda t: torch.cat([t, torch.zeros(4, 5)], 1)  # noqa: E731
+    assert aggregate(pad(x), pad(mask), mode, 1.0, 16).item() == pytest.approx(aggregate(x, mask, mode, 1.0, 16).item())
+
+
+def test_regression_padded_width_as_m_breaks_padding_invariance():  # §5.7: old verl's mean over the padded tensor
+    x, mask = _batch([3, 7, 1, 5], T=7)
+    pad = lambda t: torch.cat([t, torch.zeros(4, 5)], 1)  # noqa: E731
+    for mode in ("dr_grpo", "delta_l"):
+        assert aggregate(pad(x), pad(mask), mode).item() != pytest.approx(aggregate(x, mask, mode).item())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_micro_batches_accumulate_to_the_whole_batch(mode):  # §5.8
+    torch.manual_seed(0)
+    logp, old = torch.randn(6, 5), torch.randn(6, 5)
+    mask = (torch.rand(6, 5) > 0.3).float()
+    mask[:, 0] = 1
+    adv = torch.randn(6)
+    whole, _ = policy_loss(logp, old, adv, mask, agg=mode, max_len=5, alpha=0.75)
+    parts = [slice(0, 2), slice(2, 5), slice(5, 6)]
+    acc = sum(policy_loss(logp[s], old[s], adv[s], mask[s], agg=mode, max_len=5, alpha=0.75)[0]
+              * micro_weight(mask[s], mask, mode, 0.75) for s in parts)
+    assert acc.item() == pytest.approx(whole.item(), abs=1e-6)
+    if mode == "delta_l":  # averaging per-micro-batch results instead is wrong (the bnpo / old-verl effect)
+        naive = sum(policy_loss(logp[s], old[s], adv[s], mask[s], agg=mode, max_len=5, alpha=0.75)[0] / 3 for s in parts)
+        assert naive.item() != pytest.approx(whole.item(), abs=1e-4)
+
+
+def test_advantage_scaling_equals_loss_weighting():  # §5.6: official code scales adv by w_i = N M c_i (clip included)
+    torch.manual_seed(1)
+    logp, old = torch.randn(6, 5) * 0.5, torch.randn(6, 5) * 0.5
+    mask = (torch.rand(6, 5) > 0.4).float()
+    mask[:, 0] = 1
+    adv, M = torch.randn(6), 5
+    w = delta_l_weights(mask.sum(-1), 1.0, M) * 6 * M  # [N], mean 1
+    ours, st = policy_loss(logp, old, adv, mask, agg="delta_l", max_len=M)
+    official, _ = policy_loss(logp, old, adv * w, mask, agg="dr_grpo", max_len=M)
+    assert st["policy/clipfrac"] > 0 and ours.item() == pytest.approx(official.item(), abs=1e-6)
+
+
+def test_zero_advantage_rows_still_enter_the_normaliser():  # §5.11: batch scope, as the official (non-DAPO) runs
+    logp, old, mask = torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    adv = torch.tensor([1.0, 0.0, -1.0])  # ratio 1: token loss -adv; row sums -2, 0, 1
+    loss, _ = policy_loss(logp, old, adv, mask, agg="delta_l", max_len=4)
+    S = 1 / 2 + 1 / 4 + 1  # row 2 (adv 0) still counts
+    assert loss.item() == pytest.approx((-2 * (1 / 2) + 1 * 1) / (4 * S))
+
+
+def test_cv_ordering_on_synthetic_gradients():  # §5.9: g_i = mu + sqrt(V L_i) xi_i, CV against the true mean
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(20, 4000, (16,), generator=g).tolist()
+    mask, M, d = _batch(lengths, T=4000)[1], 4096, 256
+    mu = torch.full((d,), 0.05)
+
+    def cv(c, draws=2000):  # Monte Carlo: g_hat = sum_i c_i g_i
+        L = torch.tensor(lengths, dtype=torch.float)
+        xi = torch.randn(draws, len(lengths), d, generator=g)
+        g_hat = (c.sum() * mu) + torch.einsum("i,kid->kd", c * L.sqrt(), xi)  # [draws, d]
+        return (g_hat - c.sum() * mu).pow(2).sum(-1).mean().sqrt().item() / (c.sum() * mu).norm().item()
+
+    closed = lambda c: math.sqrt(d * (c**2 * mask.sum(-1)).sum().item()) / (c.sum().item() * mu.norm().item())  # noqa
+    cvs = {m: closed(coeffs(mask, m, max_len=M)) for m in ("grpo", "dapo", "dr_grpo")}
+    cvs.update({f"dl{a}": closed(coeffs(mask, "delta_l", a, M)) for a in (0.0, 0.5, 0.75, 1.0, 1.25)})
+    assert cv(coeffs(mask, "delta_l", 1.0, M)) == pytest.approx(cvs["dl1.0"], rel=0.05)  # the closed form is right
+    assert cv(coeffs(mask, "dapo", max_len=M)) == pytest.approx(cvs["dapo"], rel=0.05)
+    assert cvs["dl1.0"] == pytest.approx(cvs["grpo"], rel=1e-5)
+    assert cvs["dl0.0"] == pytest.approx(cvs["dr_grpo"], rel=1e-5) == pytest.approx(cvs["dapo"], rel=1e-5)
+    assert cvs["dl1.0"] < cvs["dl0.75"] < cvs["dl0.5"] < cvs["dl0.0"] and cvs["dl1.0"] < cvs["dl1.25"]
+
+
+# ---- the script -------------------------------------------------------------------------------------------------
+SMALL = ["--prompts_per_step", "4", "--group_size", "4", "--eval_prompts", "8", "--eval_samples", "16",
+         "--log_examples_every", "1"]
+
+
+def records(d):
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_importing_delta_l_starts_nothing():
+    a = delta_l.Args()
+    assert hasattr(delta_l, "main") and a.model == "tiny" and a.agg == "delta_l" and a.alpha == 1.0
+    assert a.output_dir == "runs/delta_l"
+
+
+def test_delta_l_smoke(tiny_cache, tmp_path):
+    p = run_script("delta_l.py", "--max_steps", "3", "--eval_every", "2", "--micro_batch_size", "6",
+                   "--output_dir", str(tmp_path), *SMALL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = records(tmp_path)
+    assert recs[0]["args"]["agg"] == "delta_l" and recs[1]["step"] == 0 and "eval/pass@16" in recs[1]
+    steps = recs[2:]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for k in ["reward/mean", "loss/policy", "policy/clipfrac", "policy/entropy", "response/len", "perf/update_s",
+              "policy/dl_weight_spread"]:
+        assert all(math.isfinite(r[k]) for r in steps), k
+    assert all(r["loss/gain"] == pytest.approx(1.0, rel=1e-5) for r in steps)  # delta_l: M sum_i c_i = 1
+    assert all(r["policy/dl_weight_spread"] >= 1 for r in steps)
+    assert "eval/pass@1" in steps[-1] and (tmp_path / "final" / "config.json").exists()
