@@ -39,7 +39,9 @@ class Example:
 def make_countdown(n: int, seed: int, n_numbers: int = 3) -> list:
     """Countdown: use each digit exactly once with + - * to hit the target (evaluated with Python precedence)."""
     rng, out, seen = np.random.default_rng(seed), [], set()
-    while len(out) < n:
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
         nums = [int(x) for x in rng.integers(1, 10, size=n_numbers)]
         order = rng.permutation(n_numbers)
         expr = str(nums[order[0]]) + "".join(rng.choice(["+", "-", "*"]) + str(nums[i]) for i in order[1:])
@@ -52,6 +54,8 @@ def make_countdown(n: int, seed: int, n_numbers: int = 3) -> list:
         question = (f"Using the numbers {', '.join(map(str, nums))}, each exactly once, and the operations + - *, "
                     f"write an expression that equals {target}. Put the expression within \\boxed{{}}.")
         out.append(Example("countdown", f"Q:{listed}->{target} A:", question, f"{listed}->{target}", expr))
+    if len(out) < n:
+        raise ValueError(f"countdown with {n_numbers} numbers has fewer than {n} distinct prompts: use more numbers")
     return out
 
 

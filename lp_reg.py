@@ -17,6 +17,7 @@ Several GPUs, data parallel:           torchrun --nproc_per_node 8 lp_reg.py --m
 """
 import contextlib
 import copy
+import os
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,7 +101,7 @@ def minp_proxy_logp(logits, tokens, kappa: float = 0.02):
     """log pi_proxy(token) under the min-p proxy of softmax(logits): tokens with p >= kappa * max p are kept and
     renormalized, the others get -1e4 (as [C], not -inf). logits: [N, V] (already / temperature), tokens: [N] -> [N].
     lp_reg.md §2 Eq. 5: log pi_proxy = log p - log Z on kept tokens, Z = kept mass."""
-    lp = torch.log_softmax(logits.float(), -1)  # [N, V]
+    lp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)  # [N, V]
     keep = lp >= lp.amax(-1, keepdim=True) + math.log(kappa) if kappa > 0 else torch.ones_like(lp, dtype=torch.bool)
     log_z = lp.masked_fill(~keep, float("-inf")).logsumexp(-1)  # [N]  log of the kept mass, <= 0
     log_z = log_z.masked_fill(keep.all(-1), 0.0)  # [N]  nothing filtered: pi_proxy = p exactly, no rounding
@@ -111,7 +112,7 @@ def minp_proxy_logp(logits, tokens, kappa: float = 0.02):
 def minp_proxy_topk(logits, kappa: float, k: int):
     """Full-KL option: pi_proxy's k most likely tokens and their log-probs renormalized over those k (exact when the
     min-p set has <= k tokens; filtered slots get -1e4). logits: [N, V] -> ids [N, k], logp [N, k]."""
-    lp = torch.log_softmax(logits.float(), -1)  # [N, V]
+    lp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)  # [N, V]
     top, ids = lp.topk(min(k, lp.shape[-1]), -1)  # [N, k]
     keep = top >= top[:, :1] + math.log(kappa) if kappa > 0 else torch.ones_like(top, dtype=torch.bool)
     top = top.masked_fill(~keep, float("-inf"))  # [N, k]
@@ -214,12 +215,11 @@ def main(args: Args):
     device = pick_device(args.device)
     rank, world = init_distributed(device)
     if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dtype = pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
-    family, level = parse_task_name(args.task)
-    builtin = level is not None
+    builtin = parse_task_name(args.task)[1] is not None
     max_new = args.max_new_tokens or (12 if builtin else 512)
     lr = args.lr or (3e-4 if args.model == "tiny" else 1e-6)
     if args.select_scope not in ("mini-batch", "micro-batch"):  # LP_REG
@@ -233,12 +233,9 @@ def main(args: Args):
     path = resolve_model_path(args.model, args.task)
     model, tok = load_model_and_tokenizer(path, device, dtype)
     train, test = load_task(args.task)
-    train = drop_long_prompts(tok, train, args.max_prompt_len, "training")
-    test = drop_long_prompts(tok, test, args.max_prompt_len, "test")[: args.eval_prompts]
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx and args.max_prompt_len + max_new > ctx and max(map(len, encode_prompts(tok, train))) + max_new > ctx:
-        raise SystemExit(f"prompt + {max_new} new tokens exceed the model's context of {ctx}: lower "
-                         "--max_new_tokens or --max_prompt_len")
+    max_prompt = min(args.max_prompt_len, getattr(model.config, "max_position_embeddings", 10**9) - max_new)
+    train = drop_long_prompts(tok, train, max_prompt, "training")  # prompt + response must fit the context
+    test = drop_long_prompts(tok, test, max_prompt, "test")[: args.eval_prompts]
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     start = 0
@@ -255,7 +252,7 @@ def main(args: Args):
         (out_dir / "metrics.jsonl").write_text("")
         append_metrics(out_dir / "metrics.jsonl", {"args": asdict(args), "lr": lr, "max_new_tokens": max_new})
     backend = args.backend if args.backend != "auto" or device.type == "cuda" else "hf"  # HF is faster on CPU
-    sampler = make_sampler(backend, path, tok, args.max_prompt_len + max_new, dtype, args.seed + rank)
+    sampler = make_sampler(backend, path, tok, max_prompt + max_new, dtype, args.seed + rank)
     sampler.push_weights(model)
     policy = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
@@ -358,19 +355,22 @@ def main(args: Args):
             vals = torch.tensor(list(rec.values()), device=device)
             torch.distributed.all_reduce(vals)
             rec = dict(zip(rec, (vals / world).tolist()))
-        if not main_rank:
-            continue
         rec["step"] = step + 1  # optimizer updates done
-        if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
+        if main_rank and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             rec.update(run_eval(step + 1))
-        append_metrics(out_dir / "metrics.jsonl", rec)
-        tqdm.write(f"step {step:4d} | reward {rec['reward/mean']:.3f} | loss {rec['loss/policy']:+.4f} | "
-                   f"clip {rec['policy/clipfrac']:.3f} | entropy {rec['policy/entropy']:.3f} | "
-                   f"len {rec['response/len']:.1f} | |S| {rec['policy/lp_selected']:.0f} | "  # LP_REG
-                   f"{sum(timer.s.values()):.2f}s")
-        if args.log_examples_every and step % args.log_examples_every == 0:
+        if main_rank:
+            append_metrics(out_dir / "metrics.jsonl", rec)
+            tqdm.write(f"step {step + 1:4d} | reward {rec['reward/mean']:.3f} | loss {rec['loss/policy']:+.4f} | "
+                       f"clip {rec['policy/clipfrac']:.3f} | entropy {rec['policy/entropy']:.3f} | "
+                       f"len {rec['response/len']:.1f} | |S| {rec['policy/lp_selected']:.0f} | "  # LP_REG
+                       f"{sum(timer.s.values()):.2f}s")
+        if main_rank and args.log_examples_every and step % args.log_examples_every == 0:
             for e, c, r in list(zip(per_seq, texts, reward.tolist()))[:: args.group_size][:3]:
                 tqdm.write(f"  {e.prompt!r} -> {c!r} reward {r:.0f}")
+        if world > 1:  # a Ctrl-C seen by any rank stops them all after the same step
+            flag = torch.tensor([float(len(stop))], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop += [1] if flag.item() and not stop else []
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stop:
             checkpoint(step + 1)
         if stop:

@@ -246,3 +246,8 @@ def test_save_checkpoint_is_atomic(tmp_path):
     common.save_checkpoint(tmp_path / "c.pt", {"x": torch.zeros(2)})
     assert torch.equal(torch.load(tmp_path / "c.pt")["x"], torch.zeros(2))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_too_small_countdown_level_fails_instead_of_looping():
+    with pytest.raises(ValueError, match="fewer than"):
+        common.load_task("countdown:2")

@@ -1,0 +1,259 @@
+"""DPPO (dppo.py): the properties of ../shared/specs/dppo.md §6 on hand-computed micro-examples, plus a smoke run."""
+import inspect
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_script
+
+import common
+import dppo
+import grpo
+from dppo import divergence, dppo_loss, trust_region_mask, with_sampled_token
+
+KINDS = ["binary_tv", "binary_kl", "topk_tv", "topk_kl"]
+L = math.log
+
+
+def lg(x):
+    return torch.log(torch.tensor(x, dtype=torch.float32))
+
+
+# ---- interface ---------------------------------------------------------------------------------------------------
+def test_interface_the_issue_names():
+    assert list(inspect.signature(divergence).parameters) == ["logp", "behavior_logp", "kind", "topk_behavior_logp",
+                                                              "topk_logp"]
+    p = inspect.signature(dppo_loss).parameters
+    assert list(p)[:10] == ["logp", "behavior_logp", "adv", "mask", "kind", "delta", "is_cap", "max_len",
+                            "topk_behavior_logp", "topk_logp"]
+    assert (p["kind"].default, p["delta"].default, p["is_cap"].default) == ("binary_tv", 0.15, 5.0)
+    a = dppo.Args()
+    assert (a.model, a.mini_batches, a.scale_std, a.agg, a.divergence, a.is_cap, a.topk, a.output_dir) == (
+        "tiny", 4, False, "seq-mean-token-sum-norm", "binary_tv", 5.0, 20, "runs/dppo")
+
+
+# ---- §6.1 / §6.2: pi == mu ----------------------------------------------------------------------------------------
+def _full(B=3, T=4, V=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lmu = torch.log_softmax(torch.randn(B, T, V, generator=g) * 2, -1)  # [B, T, V]
+    y = torch.multinomial(lmu.exp().reshape(-1, V), 1, generator=g).reshape(B, T)  # [B, T]
+    return lmu, y
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pi_equals_mu_nothing_masked_and_reinforce_gradient(kind):
+    lmu, y = _full()
+    old = lmu.gather(-1, y[..., None]).squeeze(-1)  # [B, T]
+    logp = old.clone().requires_grad_(True)
+    tk = lmu if kind.startswith("topk") else None  # K = |V|: the full distribution, pi == mu
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]])
+    adv = torch.tensor([0.75, -0.25, 0.0])
+    assert torch.equal(divergence(logp, old, kind, tk, tk) * mask, torch.zeros(3, 4))
+    loss, st = dppo_loss(logp, old, adv, mask, kind, max_len=5, topk_behavior_logp=tk, topk_logp=tk)
+    assert st["policy/masked_frac"] == 0 and st["policy/ratio"] == pytest.approx(1.0)
+    loss.backward()
+    ref = logp.detach().clone().requires_grad_(True)
+    ref_loss = -(adv[:, None] * ref * mask).sum() / (3 * 5)  # -agg(A log p), Dr. GRPO normaliser B * max_len
+    ref_loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
+    assert torch.allclose(logp.grad, ref.grad, atol=1e-7)
+
+
+# ---- §6.3 / §6.9: zero gradient exactly on the cut tokens, none through mu ----------------------------------------
+def test_zero_logit_gradient_exactly_where_the_rule_masks():
+    # 2 sequences x 3 tokens over V = 3; the sampled token is id 0 everywhere, mu(0) = 0.5
+    p = torch.tensor([[0.9, 0.55, 0.2], [0.1, 0.45, 0.9]])  # pi(0): A>0: TV .4 cut, .05 kept, back-move kept
+    logits = torch.stack([p.log(), ((1 - p) / 2).log(), ((1 - p) / 2).log()], -1).requires_grad_(True)  # [2, 3, 3]
+    logp = torch.log_softmax(logits, -1)[..., 0]  # [2, 3]
+    old = torch.full((2, 3), L(0.5))
+    mask = torch.ones(2, 3)
+    loss, st = dppo_loss(logp, old, torch.tensor([1.0, -1.0]), mask)  # A<0: TV .4 cut, .05 kept, back-move kept
+    loss.backward()
+    g = logits.grad.abs().sum(-1)  # [2, 3]
+    assert g[0, 0] == 0 and g[1, 0] == 0  # cut: exactly zero, not small
+    assert (g[:, 1:] > 0).all()
+    assert st["policy/masked_frac"] == pytest.approx(2 / 6)
+    assert st["policy/masked_frac_pos"] == pytest.approx(1 / 6) and st["policy/masked_frac_neg"] == pytest.approx(1 / 6)
+    assert st["policy/abs_pi_mu"] == pytest.approx((0.4 + 0.05 + 0.3 + 0.4 + 0.05 + 0.4) / 6, abs=1e-6)
+
+
+def test_no_gradient_through_mu_gate_or_weight_and_none_from_padding_or_zero_adv():
+    torch.manual_seed(0)
+    lmu, y = _full()
+    old = lmu.gather(-1, y[..., None]).squeeze(-1).clone().requires_grad_(True)  # [B, T]
+    lpi = torch.log_softmax(lmu + 0.5 * torch.randn_like(lmu), -1)  # [B, T, V]
+    logp = lpi.gather(-1, y[..., None]).squeeze(-1).clone().requires_grad_(True)
+    tk_mu, tk_pi = lmu.clone().requires_grad_(True), lpi.clone().requires_grad_(True)
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
+    loss, _ = dppo_loss(logp, old, torch.tensor([1.0, -1.0, 0.0]), mask, "topk_kl",
+                        topk_behavior_logp=tk_mu, topk_logp=tk_pi)
+    loss.backward()
+    assert old.grad is None and tk_mu.grad is None and tk_pi.grad is None
+    assert logp.grad[1, 3] == 0 and (logp.grad[2] == 0).all()  # padding, A = 0
+
+
+# ---- §6.4 / §6.10: moves back toward mu are never cut -------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS[:2])
+def test_moves_back_toward_mu_never_masked(kind):
+    old, logp = lg([[0.95], [0.05]]), lg([[0.05], [0.95]])  # TV 0.9 each way
+    for adv, expect in [([1.0, -1.0], [1.0, 1.0]), ([-1.0, 1.0], [0.0, 0.0])]:  # back toward mu / away from it
+        ratio = (logp - old).exp()
+        m = trust_region_mask(divergence(logp, old, kind), ratio, torch.tensor(adv), 0.15, 0.15)
+        assert m.squeeze(-1).tolist() == expect
+
+
+def test_binary_tv_cannot_cut_negatives_below_delta_or_positives_above_one_minus_delta():
+    p = torch.linspace(1e-4, 1 - 1e-4, 999)[None, :]  # [1, 999] every pi
+    for m, a in [(0.149, -1.0), (0.01, -1.0), (0.851, 1.0), (0.99, 1.0)]:
+        old = torch.full_like(p, L(m))
+        d = divergence(p.log(), old)
+        assert trust_region_mask(d, p / m, torch.tensor([a]), 0.15, 0.15).all()
+    old = torch.full_like(p, L(0.5))  # control: at m = .5 both sides do get cut
+    assert not trust_region_mask(divergence(p.log(), old), p / 0.5, torch.tensor([1.0]), 0.15, 0.15).all()
+
+
+# ---- §6.5 / §6.6: the spec's numeric examples, and PPO's gate as a special case -----------------------------------
+def test_rare_and_dominant_token_examples():
+    ones = torch.ones(1, 1)
+    # rare, A>0: m=1e-4 -> p=1e-2, r=100
+    old, logp = lg([[1e-4]]), lg([[1e-2]])
+    r, pos = (logp - old).exp(), torch.tensor([1.0])
+    assert divergence(logp, old).item() == pytest.approx(0.0099, abs=1e-6)
+    assert divergence(logp, old, "binary_kl").item() == pytest.approx(0.0095, abs=2e-4)
+    assert trust_region_mask((r - 1).abs(), r, pos, 0.2, 0.28).item() == 0  # PPO cuts it
+    assert trust_region_mask(divergence(logp, old), r, pos, 0.15, 0.15).item() == 1
+    assert trust_region_mask(divergence(logp, old, "binary_kl"), r, pos, 0.05, 0.05).item() == 1
+    _, st = grpo.policy_loss(logp, old, pos, ones, 0.2, 0.28)
+    assert st["policy/clipfrac"] == 1
+    # dominant, A<0: m=.99 -> p=.80, r=.808
+    old, logp = lg([[0.99]]), lg([[0.80]])
+    r, neg = (logp - old).exp(), torch.tensor([-1.0])
+    assert divergence(logp, old).item() == pytest.approx(0.19, abs=1e-6)
+    assert divergence(logp, old, "binary_kl").item() == pytest.approx(0.181, abs=1e-3)
+    assert trust_region_mask((r - 1).abs(), r, neg, 0.2, 0.28).item() == 1  # PPO keeps pushing it down
+    assert trust_region_mask(divergence(logp, old), r, neg, 0.15, 0.15).item() == 0
+    assert trust_region_mask(divergence(logp, old, "binary_kl"), r, neg, 0.05, 0.05).item() == 0
+    assert trust_region_mask(divergence(logp, old), r, neg, 0.20, 0.20).item() == 1
+    _, st = dppo_loss(logp, old, neg, ones)
+    assert st["policy/masked_frac_neg"] == 1 and st["policy/ppo_clipfrac"] == 0
+
+
+def test_ratio_divergence_gives_grpo_clip_gate_bit_for_bit():
+    torch.manual_seed(1)
+    old, logp = torch.randn(64, 16) * 0.3 - 1, torch.randn(64, 16) * 0.3 - 1
+    adv = torch.randn(64)
+    adv[::7] = 0
+    mask = torch.ones(64, 16)
+    r = (logp - old).exp()
+    gate = trust_region_mask((r - 1).abs(), r, adv, 0.2, 0.28)
+    x = logp.clone().requires_grad_(True)
+    loss, st = grpo.policy_loss(x, old, adv, mask, 0.2, 0.28)
+    loss.backward()
+    assert torch.equal(gate == 0, (x.grad == 0) & (adv[:, None] != 0))  # PPO's zero-gradient tokens
+    assert 0.1 < st["policy/clipfrac"] == pytest.approx(1 - gate.mean().item())
+
+
+# ---- §6.7: binary <= top-K <= exact, and the top-K union without double counting ----------------------------------
+def _dists(B=64, T=3, V=12, seed=0):
+    lmu, y = _full(B, T, V, seed)
+    lpi = torch.log_softmax(lmu + torch.randn(B, T, V, generator=torch.Generator().manual_seed(seed + 1)), -1)
+    pick = lambda lp, ids: lp.gather(-1, ids)  # noqa: E731
+    return lmu, lpi, y, pick
+
+
+@pytest.mark.parametrize("metric", ["tv", "kl"])
+def test_binary_le_topk_le_exact_and_the_limits(metric):
+    lmu, lpi, y, pick = _dists()
+    mu, pi = lmu.exp(), lpi.exp()
+    exact = 0.5 * (mu - pi).abs().sum(-1) if metric == "tv" else (mu * (lmu - lpi)).sum(-1)  # [B, T]
+    old, logp = pick(lmu, y[..., None]).squeeze(-1), pick(lpi, y[..., None]).squeeze(-1)  # [B, T]
+    binary = divergence(logp, old, f"binary_{metric}")
+    for K in (1, 3, 6):
+        ids = lmu.topk(K, -1).indices  # [B, T, K]: mu's top-K, y in it or not
+        tk_mu, tk_pi = with_sampled_token(pick(lmu, ids), ids, old, y), with_sampled_token(pick(lpi, ids), ids, logp, y)
+        topk = divergence(logp, old, f"topk_{metric}", tk_mu, tk_pi)
+        assert (binary <= topk + 1e-6).all() and (topk <= exact + 1e-6).all(), K
+        assert (topk > binary + 1e-4).any() and (topk < exact - 1e-4).any()
+    all_ids = torch.arange(12).expand(*y.shape, 12)
+    full = divergence(logp, old, f"topk_{metric}", with_sampled_token(lmu, all_ids, old, y),
+                      with_sampled_token(lpi, all_ids, logp, y))
+    assert torch.allclose(full, exact, atol=1e-5)  # K = |V|: exact
+    only_y = divergence(logp, old, f"topk_{metric}", old[..., None], logp[..., None])  # S = {y}: binary
+    assert torch.allclose(only_y, binary, atol=1e-5)
+
+
+def test_sampled_token_slot_counts_once():
+    lmu, lpi, y, pick = _dists()
+    ids = lmu.topk(4, -1).indices  # [B, T, 4]
+    old, logp = pick(lmu, y[..., None]).squeeze(-1), pick(lpi, y[..., None]).squeeze(-1)
+    tk_mu, tk_pi = with_sampled_token(pick(lmu, ids), ids, old, y), with_sampled_token(pick(lpi, ids), ids, logp, y)
+    inside = (ids == y[..., None]).any(-1)  # [B, T]
+    assert inside.any() and (~inside).any()
+    assert torch.equal(torch.isinf(tk_mu[..., 4]), inside) and torch.equal(tk_mu[..., 4][~inside], old[~inside])
+    for metric in ("tv", "kl"):  # naive reference: the set S = top-4 | {y} built by hand, one position at a time
+        d = divergence(logp, old, f"topk_{metric}", tk_mu, tk_pi)
+        for b, t in [(0, 0), (5, 1), (17, 2), (40, 0)]:
+            S = sorted(set(ids[b, t].tolist()) | {int(y[b, t])})
+            qm, qp = lmu[b, t, S].exp().double(), lpi[b, t, S].exp().double()
+            qm, qp = torch.cat([qm, 1 - qm.sum(0, keepdim=True)]), torch.cat([qp, 1 - qp.sum(0, keepdim=True)])
+            ref = 0.5 * (qm - qp).abs().sum() if metric == "tv" else (qm * (qm / qp).log()).sum()
+            assert d[b, t].item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+# ---- §6.8: the truncated importance weight ------------------------------------------------------------------------
+@pytest.mark.parametrize("is_cap,w", [(5.0, 5.0), (float("inf"), 10.0)])
+def test_weight_is_min_ratio_cap_not_zero(is_cap, w):
+    # token 1: r = 10 with A < 0 moves back toward mu (never cut); token 2: r = 2 (TV .1 < .15)
+    old, logp = lg([[0.05, 0.1]]), lg([[0.5, 0.2]]).requires_grad_(True)
+    loss, st = dppo_loss(logp, old, torch.tensor([-2.0]), torch.ones(1, 2), is_cap=is_cap, max_len=4)
+    loss.backward()
+    assert logp.grad[0, 0].item() == pytest.approx(2.0 * w / 4, rel=1e-5)  # -A min(r, C) / (B * max_len)
+    assert logp.grad[0, 1].item() == pytest.approx(2.0 * 2.0 / 4, rel=1e-5)
+    assert st["policy/is_capped"] == (0.5 if is_cap == 5.0 else 0.0)
+
+
+# ---- the rollout pipeline: sampler top-K + token_logprobs extra_ids agree at the same weights ---------------------
+def test_behaviour_topk_from_the_sampler_matches_the_trainer(tok, rand_model):
+    train, _ = common.load_task("countdown")
+    prompts = common.encode_prompts(tok, train[:3])
+    s = common.HFSampler(tok).generate(rand_model, prompts, 2, 6, temperature=0.8, seed=0, topk=5)
+    batch = common.collate(s, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        out = common.token_logprobs(rand_model, batch, 0.8, extra_ids=batch["topk_ids"])
+    tk_mu = with_sampled_token(batch["topk_old_logp"], batch["topk_ids"], batch["old_logp"], batch["response_ids"])
+    tk_pi = with_sampled_token(out["extra_logp"], batch["topk_ids"], out["logp"], batch["response_ids"])
+    for kind in KINDS:
+        d = divergence(out["logp"], batch["old_logp"], kind, tk_mu, tk_pi)  # [B, T]
+        assert (d * batch["mask"]).abs().max() < 1e-4, kind  # theta == theta': only numerical mismatch
+    assert (batch["mask"] * (tk_mu[..., 5] > -math.inf)).sum() > 0  # some sampled tokens outside the top-5
+
+
+# ---- the script ---------------------------------------------------------------------------------------------------
+SMALL = ["--prompts_per_step", "4", "--group_size", "4", "--eval_prompts", "8", "--eval_samples", "16",
+         "--log_examples_every", "1"]
+
+
+def records(d):
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_importing_dppo_starts_nothing():
+    assert hasattr(dppo, "main") and dppo.Args().model == "tiny"
+
+
+@pytest.mark.parametrize("extra", [[], ["--divergence", "topk_kl", "--mini_batches", "2"]])
+def test_dppo_smoke(tiny_cache, tmp_path, extra):
+    p = run_script("dppo.py", "--max_steps", "3", "--eval_every", "2", "--output_dir", str(tmp_path), *SMALL, *extra)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = records(tmp_path)
+    assert recs[0]["args"]["max_steps"] == 3 and recs[1]["step"] == 0 and "eval/pass@16" in recs[1]
+    steps = recs[2:]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for k in ["reward/mean", "loss/policy", "policy/masked_frac", "policy/masked_frac_pos", "policy/masked_frac_neg",
+              "policy/divergence", "policy/abs_pi_mu", "policy/ppo_clipfrac", "policy/entropy", "perf/update_s"]:
+        assert all(math.isfinite(r[k]) for r in steps), k
+    assert all(0 <= r["policy/masked_frac"] <= 1 for r in steps)
+    assert "eval/pass@1" in steps[1] and "eval/pass@1" in steps[2] and "eval/pass@1" not in steps[0]
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "final" / "config.json").exists()
+    assert "masked" in p.stderr + p.stdout

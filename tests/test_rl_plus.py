@@ -1,0 +1,201 @@
+"""rl_plus.py: the spec's §7 properties on hand-computed micro-examples, then the script itself end to end."""
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_script
+
+import common
+import grpo
+import rl_plus
+from rl_plus import external_ids, group_advantages, keep_with_solution, rl_plus_loss, with_external
+
+LOG = math.log
+
+
+def one_token(p_theta, p_old, adv, external=True, **kw):
+    """A single-token batch (N = 1, L_max = 1), so loss = the token's l and dloss/dlogp = dl/dlog p_theta."""
+    logp = torch.tensor([[LOG(p_theta)]], requires_grad=True)
+    old = torch.tensor([[LOG(p_old)]], requires_grad=True)
+    loss, st = rl_plus_loss(logp, old, torch.tensor([adv]), torch.ones(1, 1), torch.tensor([external]), **kw)
+    loss.backward()
+    return loss.item(), logp.grad.item(), old.grad, st
+
+
+# ---- §7.1-7.4: MIS weight and exploration factor on one external token ------------------------------------------
+@pytest.mark.parametrize("p,mis", [(0.2, 0.5), (1.0, 1.0), (0.01, 0.01 / (0.0075 + 0.25))])
+def test_mis_weight_code_form(p, mis):
+    loss, _, _, st = one_token(p, p, 1.0, gamma=0.0)  # gamma 0: C = 1, so l = -r^m
+    assert st["policy/mis_weight"] == pytest.approx(mis, abs=1e-6) and loss == pytest.approx(-mis, abs=1e-6)
+    assert round(0.01 / (0.0075 + 0.25), 4) == 0.0388
+
+
+@pytest.mark.parametrize("p", [0.01, 0.2, 0.9])
+def test_mis_literal_uniform_is_four_thirds(p):
+    assert one_token(p, p, 1.0, gamma=0.0, mis_u=0.0)[3]["policy/mis_weight"] == pytest.approx(4 / 3, abs=1e-5)
+
+
+def test_mis_gradient_and_detached_denominator():
+    # d r^m / d log p_theta = r^m; p_old is data: no gradient reaches it, but it changes the value
+    p_theta, p_old = 0.3, 0.2
+    mis = p_theta / (0.75 * p_old + 0.25)
+    loss, g, g_old, _ = one_token(p_theta, p_old, 1.0, gamma=0.0)
+    assert loss == pytest.approx(-mis, abs=1e-6) and g == pytest.approx(-mis, abs=1e-6) and g_old is None
+    assert one_token(p_theta, 0.6, 1.0, gamma=0.0)[0] != pytest.approx(loss)
+
+
+def test_eaf_value_and_stop_gradient():
+    loss, g, _, st = one_token(0.2, 0.2, 0.5)  # spec §7.3-7.4: weight 0.5, factor 0.894427, A 0.5
+    assert st["policy/eaf"] == pytest.approx(0.894427, abs=1e-6)
+    assert loss == pytest.approx(-0.223607, abs=1e-6)
+    assert g == pytest.approx(-0.223607, abs=1e-6)  # = -r^m A C: no extra term from differentiating C
+
+
+def test_combined_weight_peaks_inside():
+    # spec §4: w(p) = p / (0.75p + 0.25) * (1-p)^0.5 is 0 at both ends, about 0.568 near p = 0.457, 0.17 at 0.05
+    w = lambda p: -one_token(p, p, 1.0)[0]  # noqa: E731
+    assert w(1.0) == 0 and w(0.457) == pytest.approx(0.568, abs=1e-3) and w(0.05) == pytest.approx(0.17, abs=5e-3)
+
+
+# ---- §7.5-7.6, 7.10: advantages over the mixed group -------------------------------------------------------------
+def test_advantage_includes_the_external_response():
+    reward = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 1])  # 7 rollouts, one correct, + a correct external solution
+    adv = group_advantages(reward, 8, scale_std=False)
+    assert torch.allclose(adv, torch.tensor([.75, -.25, -.25, -.25, -.25, -.25, -.25, .75]))
+    split = reward[:7] - reward[:7].mean()  # the bug to catch: a baseline from the on-policy rollouts only
+    assert not torch.allclose(adv[:7], split)
+    std = group_advantages(reward, 8, scale_std=True)  # the paper's form (§8.2)
+    assert std[0].item() == pytest.approx(1.6202, abs=1e-4) and std[1].item() == pytest.approx(-0.5401, abs=1e-4)
+    assert rl_plus.Args().scale_std is False and rl_plus.Args().gamma == 0.5 and rl_plus.Args().mis_u == 1.0
+
+
+def test_all_equal_rewards_give_exactly_zero_gradient():
+    adv = group_advantages(torch.ones(4), 4, scale_std=False)
+    logp = torch.log(torch.rand(4, 3) * 0.9 + 0.05).requires_grad_(True)
+    loss, _ = rl_plus_loss(logp, logp.detach() - 0.3, adv, torch.ones(4, 3), torch.tensor([0, 0, 0, 1]).bool())
+    loss.backward()
+    assert torch.equal(adv, torch.zeros(4)) and torch.equal(logp.grad, torch.zeros(4, 3))
+
+
+# ---- §7.7-7.9: no clipping, disjoint masks, aggregation ----------------------------------------------------------
+def test_no_clipping_anywhere():
+    assert one_token(0.75, 0.5, 1.0, external=False)[0] == pytest.approx(-1.5)  # rho 1.5: not clipped to 1.2
+    assert one_token(0.75, 0.5, 1.0, external=False, eps_low=0.2, eps_high=0.2)[0] == pytest.approx(-1.2)  # ablation
+    assert one_token(1.0, 1e-9, 1.0, gamma=0.0)[3]["policy/mis_weight"] == pytest.approx(4.0, abs=1e-6)  # r^m = 4
+
+
+def _pair():
+    """Row 0 internal, row 1 external (3 real tokens, the last the eos), one pad column on row 0."""
+    p_new = torch.tensor([[0.6, 0.3, 0.5], [0.2, 0.8, 0.4]])
+    p_old = torch.tensor([[0.4, 0.3, 0.9], [0.5, 0.8, 0.1]])
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1]])
+    return p_new.log().requires_grad_(True), p_old.log(), mask, torch.tensor([False, True])
+
+
+def test_internal_and_external_tokens_get_their_own_terms():
+    logp, old, mask, is_ext = _pair()
+    adv = torch.tensor([0.5, -1.0])
+    loss, _ = rl_plus_loss(logp, old, adv, mask, is_ext, max_len=4)
+    internal = -0.5 * (0.6 / 0.4 + 0.3 / 0.3)  # rho only, no MIS/EAF
+    external = sum(1.0 * p / (0.75 * q + 0.25) * (1 - p) ** 0.5 for p, q in [(0.2, 0.5), (0.8, 0.8), (0.4, 0.1)])
+    assert loss.item() == pytest.approx((internal + external) / (2 * 4), abs=1e-6)  # A < 0 still gets C (§8.9)
+    loss.backward()
+    assert logp.grad[0, 2] == 0 and logp.grad[1, 2] != 0  # pad: nothing; external eos: an external token
+    bumped = logp.detach().clone()
+    bumped[0, 2] = 5.0  # whatever sits under a pad position
+    assert rl_plus_loss(bumped, old, adv, mask, is_ext, max_len=4)[0].item() == pytest.approx(loss.item())
+
+
+def test_constant_normalizer_sum_not_mean():
+    logp, old, mask, is_ext = _pair()
+    adv = torch.tensor([0.5, 1.0])
+    base = rl_plus_loss(logp, old, adv, mask, is_ext, max_len=8)[0].item()
+    pad = lambda x, v: torch.cat([x, torch.full((2, 2), v)], 1)  # noqa: E731  two more pad columns
+    padded = rl_plus_loss(pad(logp.detach(), 0.0), pad(old, 0.0), adv, pad(mask, 0.0), is_ext, max_len=8)[0]
+    assert padded.item() == pytest.approx(base, abs=1e-7)  # L_max fixed: padding changes nothing
+    one = lambda lp, o, m: rl_plus_loss(lp, o, adv[:1], m, is_ext[:1], max_len=8)[0].item()  # noqa: E731
+    lp1, o1 = torch.log(torch.full((1, 4), 0.6)), torch.log(torch.full((1, 4), 0.4))
+    single = one(lp1, o1, torch.tensor([[1.0, 1, 0, 0]]))
+    assert one(lp1, o1, torch.ones(1, 4)) == pytest.approx(2 * single)  # twice the tokens, twice the loss
+
+
+def test_without_external_it_is_unclipped_mean_centred_grpo():
+    torch.manual_seed(0)
+    logp, old = torch.randn(8, 5).clamp(max=0), torch.randn(8, 5).clamp(max=0)
+    mask = (torch.rand(8, 5) > 0.3).float()
+    adv = group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0]), 4, scale_std=False)
+    ours, _ = rl_plus_loss(logp, old, adv, mask, torch.zeros(8, dtype=torch.bool), max_len=6)
+    ref, _ = grpo.policy_loss(logp, old, adv, mask, 1e9, 1e9, "seq-mean-token-sum-norm", 6)
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+# ---- §2, 7.10: external data and the group layout ----------------------------------------------------------------
+def test_group_layout_one_external_last(tok):
+    examples = common.load_task("countdown:4")[0][:3]
+    prompts = common.encode_prompts(tok, examples)
+    n = 2  # G - 1 sampled responses per prompt
+    fake = common.Samples([p for p in prompts for _ in range(n)], [[5 + i, tok.eos_token_id] for i in range(6)],
+                          [[-0.1 * i, -0.2] for i in range(6)], ["stop"] * 6)
+    ext = external_ids(tok, examples)
+    merged = with_external(fake, ext, n)
+    assert len(merged.response_ids) == 9 and merged.finish.count("external") == 3
+    for i, e in enumerate(examples):
+        grp = slice(3 * i, 3 * i + 3)
+        assert merged.prompt_ids[grp] == [prompts[i]] * 3
+        assert merged.response_ids[grp][:2] == fake.response_ids[2 * i: 2 * i + 2]
+        assert merged.response_ids[3 * i + 2] == ext[i] and ext[i][-1] == tok.eos_token_id
+        assert tok.decode(ext[i], skip_special_tokens=True) == e.solution
+    batch = common.collate(merged, tok.pad_token_id, "cpu")  # the external eos lies under the mask
+    assert batch["mask"][2].sum().item() == len(ext[0])
+
+
+@pytest.mark.parametrize("task", ["countdown", "countdown:4", "arithmetic"])
+def test_built_in_solutions_pass_the_verifier(tok, task):
+    examples = common.load_task(task)[0][:200]
+    texts = common.decode(tok, external_ids(tok, examples))
+    assert all(common.score(e, t) == 1.0 for e, t in zip(examples, texts))
+    assert max(map(len, external_ids(tok, examples))) <= 12  # fits the default response cap
+
+
+def test_missing_or_long_solutions(tok, capsys):
+    none = [common.Example("math", "q", "q", "2")] * 3
+    with pytest.raises(SystemExit, match="RL-PLUS needs an external"):
+        keep_with_solution(tok, none, 12)
+    mixed = none[:1] + [common.Example("countdown", "Q:1,2->3 A:", "", "1,2->3", "1+2"),
+                        common.Example("countdown", "Q:1,2->3 A:", "", "1,2->3", "1+2" + "+0" * 10)]
+    assert [e.solution for e in keep_with_solution(tok, mixed, 12)] == ["1+2"]
+    assert "skipped 2 of 3" in capsys.readouterr().out
+
+
+# ---- the script -------------------------------------------------------------------------------------------------
+SMALL = ["--prompts_per_step", "4", "--group_size", "4", "--eval_prompts", "8", "--eval_samples", "16",
+         "--log_examples_every", "1"]
+
+
+def records(d):
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_importing_rl_plus_starts_nothing():
+    assert hasattr(rl_plus, "main") and rl_plus.Args().output_dir == "runs/rl_plus"
+    assert rl_plus.Args().beta == 0 and rl_plus.Args().ent_coef == 0.001  # no KL, no reference model (§5)
+
+
+def test_rl_plus_smoke(tiny_cache, tmp_path):
+    p = run_script("rl_plus.py", "--max_steps", "3", "--eval_every", "2", "--output_dir", str(tmp_path), *SMALL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = records(tmp_path)
+    assert recs[0]["args"]["max_steps"] == 3 and recs[1]["step"] == 0 and "eval/pass@16" in recs[1]
+    steps = recs[2:]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for k in ["reward/mean", "loss/policy", "policy/entropy", "policy/mis_weight", "policy/eaf", "perf/update_s"]:
+        assert all(math.isfinite(r[k]) for r in steps), k
+    for r in steps:
+        assert r["reward/external"] == 1.0  # the built-in solutions, scored by the same verifier
+        # one update per rollout: the loss sees theta_old, so every ratio is 1, the external ones included (their
+        # old log-probs come from the no-grad pass), and r^m = p / (0.75 p + 0.25) lies in [p, 1]
+        assert r["policy/ratio"] == pytest.approx(1.0, abs=1e-4) and r["policy/clipfrac"] == 0
+        assert r["policy/external_prob"] < r["policy/mis_weight"] <= 1 and 0 <= r["policy/eaf"] <= 1
+    assert "eval/pass@1" in steps[1] and "eval/pass@1" in steps[2] and "eval/pass@1" not in steps[0]
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "final" / "config.json").exists()
