@@ -562,7 +562,7 @@ def output_weight(model):
     return getattr(model, "module", model).get_output_embeddings().weight  # [V, H]
 
 
-def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int = 512, with_entropy: bool = False,
+def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int = 256, with_entropy: bool = False,
                    extra_ids=None) -> dict:
     """log pi(y_t) of every response token ([B, T], 0 where mask is 0), optionally the entropy of pi at each token
     and log pi of `extra_ids` ([B, T, K], e.g. the behaviour policy's top-K). Only masked response positions are

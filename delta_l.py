@@ -60,7 +60,7 @@ class Args:
     scale_std: bool = True  # divide the advantage by the group std (False = Dr. GRPO)
     agg: str = "delta_l"  # delta_l | grpo (seq-mean-token-mean) | dapo (token-mean) | dr_grpo (token sum / (B * M))
     alpha: float = 1.0  # Delta-L exponent, c_i ~ L_i^(-alpha): 1 = minimum variance (CountDown), 0.75 in Math runs
-    logprob_chunk: int = 512  # response tokens projected to the vocabulary at a time
+    logprob_chunk: int = 256  # response tokens projected to the vocabulary at a time (memory: bench/logprob_memory.py)
     eval_every: int = 10  # steps between evaluations on held-out prompts (0 = only at the end)
     eval_prompts: int = 128  # held-out prompts per evaluation
     eval_samples: int = 16  # samples per held-out prompt for pass@1/8/16

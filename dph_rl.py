@@ -13,11 +13,12 @@ except (spec: ../shared/specs/dph_rl.md):
      effective weighting) or L_exp + eta L_pef (`paper`).
 
 CPU, embedded tiny model, ~3 minutes:  python dph_rl.py
-GPU (pip install vllm):                python dph_rl.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k --pef_split_prompts 0
-Several GPUs, data parallel:           torchrun --nproc_per_node 8 dph_rl.py --model ... --task gsm8k --pef_split_prompts 0
+GPU (pip install vllm):                python dph_rl.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k
+Several GPUs, data parallel:           torchrun --nproc_per_node 8 dph_rl.py --model ... --task gsm8k
 """
 import contextlib
 import math
+import os
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ class Args:
     eps_high: float = 0.28  # PPO clip: ratio <= 1 + eps_high. DPH-RL: clip-higher 0.28 (dph_rl.md §3a, §6)
     scale_std: bool = True  # divide the advantage by the group std (False = Dr. GRPO)
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean (original GRPO) | seq-mean-token-sum-norm (Dr. GRPO)
-    logprob_chunk: int = 512  # response tokens projected to the vocabulary at a time
+    logprob_chunk: int = 256  # response tokens projected to the vocabulary at a time (memory: bench/logprob_memory.py)
     eval_every: int = 10  # steps between evaluations on held-out prompts (0 = only at the end)
     eval_prompts: int = 128  # held-out prompts per evaluation
     eval_samples: int = 16  # samples per held-out prompt for pass@1/8/16
@@ -70,12 +71,12 @@ class Args:
     alpha: float = 0.2  # alpha-divergence order, in (0, 1): ->1 forward KL, ->0 reverse KL
     eta: float = -1.0  # weight of the D_pef loss; < 0 = the spec's default per divergence: js 0.2, forward_kl 0.05,
     #                    alpha 0.05 (§3c); 0 = DAPO on D_exp
-    pef_weighting: str = "share"  # share: (N_exp/N) L_exp + eta (N_pef/N) L_pef (official code) | paper: L_exp + eta L_pef
+    pef_weighting: str = "share"  # share: (N_exp/N) L_exp + eta (N_pef/N) L_pef (code) | paper: L_exp + eta L_pef
     pef_k: int = 8  # samples per training prompt in the offline split (§2.1)
     pef_min_correct: int = 8  # a prompt joins D_pef with at least this many correct of pef_k (§6: all 8 of 8)
-    pef_split_prompts: int = 2000  # CPU-time cap: split only the first N training prompts (0 = all, as the paper);
-    #                                the unsplit ones stay in D_exp
-    pef_per_step: int = 0  # stored D_pef sequences per step, over all ranks; 0 = prompts_per_step * group_size / 8 (§2.5)
+    pef_split_prompts: int = 2000  # CPU-time cap: split only the first N training prompts, the others stay in D_exp
+    #                                (0 = all, as the paper; use 0 on a GPU)
+    pef_per_step: int = 0  # stored D_pef sequences per step, all ranks; 0 = prompts_per_step * group_size / 8 (§2.5)
     dual_clip: float = 3.0  # for adv < 0 the token loss is at most -adv * dual_clip (verl's default, §3a); 0 = off
 
 
@@ -171,7 +172,7 @@ def dph_loss(logp, old_logp, ref_logp, adv, mask, is_pef, eta, divergence="js", 
 
 
 def split_pef(correct, min_correct: int):
-    """correct: BoolTensor [P, k] -> [P]: True (D_pef) where at least min_correct samples are correct (dph_rl.md §2.2)."""
+    """correct: BoolTensor [P, k] -> [P]: True (D_pef) where at least min_correct are correct (dph_rl.md §2.2)."""
     return correct.sum(-1) >= min_correct
 
 
@@ -206,14 +207,14 @@ def main(args: Args):
     device = pick_device(args.device)
     rank, world = init_distributed(device)
     if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dtype = pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
-    family, level = parse_task_name(args.task)
-    builtin = level is not None
+    builtin = parse_task_name(args.task)[1] is not None
     max_new = args.max_new_tokens or (12 if builtin else 512)
     lr = args.lr or (3e-4 if args.model == "tiny" else 1e-6)
+    eta = args.eta if args.eta >= 0 else {"js": 0.2, "forward_kl": 0.05, "alpha": 0.05}[args.divergence]  # DPH-RL: §3c
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must divide by the {world} ranks")
     n_prompts = args.prompts_per_step // world  # this rank's share; a group never spans ranks
@@ -223,13 +224,9 @@ def main(args: Args):
     path = resolve_model_path(args.model, args.task)
     model, tok = load_model_and_tokenizer(path, device, dtype)
     train, test = load_task(args.task)
-    train = drop_long_prompts(tok, train, args.max_prompt_len, "training")
-    test = drop_long_prompts(tok, test, args.max_prompt_len, "test")[: args.eval_prompts]
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx and args.max_prompt_len + max_new > ctx and max(map(len, encode_prompts(tok, train))) + max_new > ctx:
-        raise SystemExit(f"prompt + {max_new} new tokens exceed the model's context of {ctx}: lower "
-                         "--max_new_tokens or --max_prompt_len")
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
+    max_prompt = min(args.max_prompt_len, getattr(model.config, "max_position_embeddings", 10**9) - max_new)
+    train = drop_long_prompts(tok, train, max_prompt, "training")  # prompt + response must fit the context
+    test = drop_long_prompts(tok, test, max_prompt, "test")[: args.eval_prompts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     start = 0
     if args.resume and (out_dir / "checkpoint.pt").exists():
@@ -243,10 +240,39 @@ def main(args: Args):
     elif main_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.jsonl").write_text("")
-        append_metrics(out_dir / "metrics.jsonl", {"args": asdict(args), "lr": lr, "max_new_tokens": max_new})
+        append_metrics(out_dir / "metrics.jsonl", {"args": asdict(args), "lr": lr, "max_new_tokens": max_new,
+                                                     "eta": eta})  # DPH-RL: eta
     backend = args.backend if args.backend != "auto" or device.type == "cuda" else "hf"  # HF is faster on CPU
-    sampler = make_sampler(backend, path, tok, args.max_prompt_len + max_new, dtype, args.seed + rank)
+    sampler = make_sampler(backend, path, tok, max_prompt + max_new, dtype, args.seed + rank)
     sampler.push_weights(model)
+
+    # ---- DPH-RL: offline split into D_pef / D_exp and the stored rehearsal samples, once, before RL (§2) ----
+    cache = out_dir / "pef_cache.pt"
+    if start > 0:  # resumed: reuse the split of the initial policy, never redo it with the trained one
+        if not cache.exists():
+            raise SystemExit(f"--resume needs {cache} (the D_pef split written by the first run)")
+        pef = torch.load(cache, weights_only=False)
+        if main_rank:
+            print(f"loaded the D_pef split from {cache}")
+    else:
+        index = list(range(rank, min(len(train), args.pef_split_prompts or len(train)), world))  # this rank's share
+        pef = build_pef(model, tok, sampler, [train[i] for i in index], index, args.pef_k, args.pef_min_correct,
+                        max_new, args.temperature, seed=10**9 + args.seed * 1000 + 2 * rank)  # apart from rollouts
+        if world > 1:
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, pef)
+            pef = {k: sum((q[k] for q in parts), []) for k in pef}
+        if main_rank:
+            save_checkpoint(cache, pef)
+    in_pef = set(pef["pef_idx"])
+    exp_train = [e for i, e in enumerate(train) if i not in in_pef]  # D_exp: all other prompts, the unsplit ones too
+    n_stored = len(pef["ref_logp"])
+    n_block = (args.pef_per_step or args.prompts_per_step * args.group_size // 8) // world  # Bp: per step and rank
+    pef_stats = {"pef/prompts": len(in_pef), "pef/exp_prompts": len(exp_train), "pef/stored": n_stored,
+                 "pef/split_pass@1": float(np.mean(pef["n_correct"])) / args.pef_k}
+    if main_rank:
+        print(f"D_pef: {len(in_pef)} of {len(pef['n_correct'])} split prompts ({n_stored} stored samples); "
+              f"D_exp: {len(exp_train)} prompts; {n_block if n_stored else 0} D_pef sequences per step and rank")
     policy = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     def checkpoint(step):
@@ -272,7 +298,7 @@ def main(args: Args):
         timer = Timer()
         rng = np.random.default_rng([args.seed, step, rank])
         # ---- rollout: G samples per prompt from the current policy ----
-        examples = [train[i] for i in rng.choice(len(train), n_prompts, replace=False)]
+        examples = [exp_train[i] for i in rng.choice(len(exp_train), n_prompts, replace=False)]  # DPH-RL: D_exp only
         with timer("sample"):
             samples = sampler.generate(model, encode_prompts(tok, examples), args.group_size, max_new,
                                        temperature=args.temperature, seed=args.seed * 1_000_003 + step * 101 + rank)
@@ -280,20 +306,27 @@ def main(args: Args):
             texts = decode(tok, samples.response_ids)
             per_seq = [e for e in examples for _ in range(args.group_size)]
             reward = torch.tensor([score(e, c) for e, c in zip(per_seq, texts)], device=device)  # [B]
-        batch = collate(samples, tok.pad_token_id, device)  # input_ids [B, Tp+T]; mask, old_logp [B, T]
+        # DPH-RL: a block of stored D_pef samples joins the batch, after the rollouts (§2.5: a random block per step;
+        # the official code tiles and shuffles the stored set), with the stored log pi_ref in place of old_logp
+        blk = np.random.default_rng([args.seed, step, rank, 1]).choice(n_stored, n_block, replace=n_stored < n_block) \
+            if n_stored else []
+        pick = lambda key: [pef[key][i] for i in blk]  # noqa: E731
+        both = Samples(samples.prompt_ids + pick("prompt_ids"), samples.response_ids + pick("response_ids"),
+                       samples.logp + pick("ref_logp"), samples.finish + ["stop"] * len(blk))
+        batch = collate(both, tok.pad_token_id, device)  # input_ids [B+Bp, Tp+T]; mask, old_logp [B+Bp, T]
+        batch["is_pef"] = torch.arange(len(both.finish), device=device) >= len(reward)  # [B+Bp]  DPH-RL: routing
+        batch["ref_logp"] = batch["old_logp"] * batch["is_pef"][:, None]  # [B+Bp, T]  DPH-RL: stored log pi_ref
 
         # ---- advantage ----
         batch["adv"] = group_advantages(reward, args.group_size, args.scale_std)  # [B]  GRPO Eq. 3
-        with timer("logp"), torch.no_grad():
-            if ref_model is not None:
-                batch["ref_logp"] = token_logprobs(ref_model, batch, args.temperature, args.logprob_chunk)["logp"]
+        batch["adv"] = torch.cat([batch["adv"], reward.new_zeros(len(blk))])  # [B+Bp]  DPH-RL: none on D_pef rows
 
         # ---- update: epochs x mini-batches of PPO-clip steps ----
         policy.train()
         logs = []
         with timer("update"):
             for _ in range(args.epochs):
-                for mini_idx in np.array_split(rng.permutation(len(reward)), args.mini_batches):
+                for mini_idx in np.array_split(rng.permutation(len(batch["adv"])), args.mini_batches):
                     mini = take(batch, torch.as_tensor(mini_idx, device=device))
                     mb = args.micro_batch_size or len(mini_idx)
                     for s in range(0, len(mini_idx), mb):
@@ -301,14 +334,14 @@ def main(args: Args):
                         last = s + mb >= len(mini_idx)
                         with contextlib.nullcontext() if last or world == 1 else policy.no_sync():
                             out = token_logprobs(policy, micro, args.temperature, args.logprob_chunk, with_entropy=True)
-                            loss, st = policy_loss(out["logp"], micro["old_logp"], micro["adv"], micro["mask"],
-                                                   args.eps_low, args.eps_high, args.agg, max_new,
-                                                   micro.get("ref_logp"), args.beta)
+                            loss, st = dph_loss(out["logp"], micro["old_logp"], micro["ref_logp"], micro["adv"],
+                                                micro["mask"], micro["is_pef"], eta, args.divergence, args.alpha,
+                                                args.pef_weighting, args.eps_low, args.eps_high, args.dual_clip,
+                                                args.agg, max_new, mini=(mini["mask"], mini["is_pef"]))  # DPH-RL
                             if not torch.isfinite(loss):
                                 raise SystemExit(f"step {step}: loss is {loss.item()}; stopping. The last good "
                                                  f"checkpoint is {out_dir / 'checkpoint.pt'}")
-                            (loss * micro_weight(micro["mask"], mini["mask"], args.agg)).backward()
-                        st["loss/policy"] = loss.item()
+                            loss.backward()  # DPH-RL: dph_loss already returns this micro-batch's share
                         st["policy/entropy"] = masked_mean(out["entropy"].detach(), micro["mask"]).item()
                         logs.append(st)
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -321,30 +354,35 @@ def main(args: Args):
         sampler.push_weights(model)
 
         # ---- log, evaluate, checkpoint ----
-        lens = batch["mask"].sum(-1)  # [B]
+        lens = batch["mask"][: len(reward)].sum(-1)  # [B]  DPH-RL: rollouts only
         rec = {k: float(np.mean([d[k] for d in logs])) for k in logs[0]}
         rec.update({"reward/mean": reward.mean().item(), "reward/std": reward.std().item(),
                     "reward/solved_groups": (reward.reshape(-1, args.group_size).amax(-1) > 0).float().mean().item(),
                     "reward/zero_std_groups": (reward.reshape(-1, args.group_size).std(-1) == 0).float().mean().item(),
                     "response/len": lens.mean().item(), "perf/grad_norm": grad_norm.item(),
-                    "response/truncated": float(np.mean([f == "length" for f in samples.finish]))})
+                    "response/truncated": float(np.mean([f == "length" for f in samples.finish])),
+                    "pef/block": float(len(blk)), **pef_stats})  # DPH-RL
         rec.update({f"perf/{k}_s": v for k, v in timer.s.items()})
         if world > 1:  # mean over ranks
             vals = torch.tensor(list(rec.values()), device=device)
             torch.distributed.all_reduce(vals)
             rec = dict(zip(rec, (vals / world).tolist()))
-        if not main_rank:
-            continue
         rec["step"] = step + 1  # optimizer updates done
-        if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
+        if main_rank and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
             rec.update(run_eval(step + 1))
-        append_metrics(out_dir / "metrics.jsonl", rec)
-        tqdm.write(f"step {step:4d} | reward {rec['reward/mean']:.3f} | loss {rec['loss/policy']:+.4f} | "
-                   f"clip {rec['policy/clipfrac']:.3f} | entropy {rec['policy/entropy']:.3f} | "
-                   f"len {rec['response/len']:.1f} | {sum(timer.s.values()):.2f}s")
-        if args.log_examples_every and step % args.log_examples_every == 0:
+        if main_rank:
+            append_metrics(out_dir / "metrics.jsonl", rec)
+            tqdm.write(f"step {step + 1:4d} | reward {rec['reward/mean']:.3f} | loss {rec['loss/policy']:+.4f} | "
+                       f"clip {rec['policy/clipfrac']:.3f} | entropy {rec['policy/entropy']:.3f} | "
+                       f"div {rec['policy/divergence']:.4f} | "  # DPH-RL
+                       f"len {rec['response/len']:.1f} | {sum(timer.s.values()):.2f}s")
+        if main_rank and args.log_examples_every and step % args.log_examples_every == 0:
             for e, c, r in list(zip(per_seq, texts, reward.tolist()))[:: args.group_size][:3]:
                 tqdm.write(f"  {e.prompt!r} -> {c!r} reward {r:.0f}")
+        if world > 1:  # a Ctrl-C seen by any rank stops them all after the same step
+            flag = torch.tensor([float(len(stop))], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop += [1] if flag.item() and not stop else []
         if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stop:
             checkpoint(step + 1)
         if stop:

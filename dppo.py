@@ -64,7 +64,7 @@ class Args:
     beta: float = 0.0  # k3 KL to the initial policy; 0 loads no reference model
     scale_std: bool = False  # DPPO: no std division, as Dr. GRPO (dppo.md §5)
     agg: str = "seq-mean-token-sum-norm"  # DPPO: Dr. GRPO constant normalizer (dppo.md §5, §7; token-mean optional)
-    logprob_chunk: int = 512  # response tokens projected to the vocabulary at a time
+    logprob_chunk: int = 256  # response tokens projected to the vocabulary at a time (memory: bench/logprob_memory.py)
     eval_every: int = 10  # steps between evaluations on held-out prompts (0 = only at the end)
     eval_prompts: int = 128  # held-out prompts per evaluation
     eval_samples: int = 16  # samples per held-out prompt for pass@1/8/16

@@ -66,7 +66,7 @@ class Args:
     lp_beta: float = 1.0  # LP_REG: weight of the proxy KL on the selected tokens (paper's beta, [C] ppo_kl_coef)
     select_scope: str = "mini-batch"  # LP_REG: mini-batch (lp_reg.md A2 default) | micro-batch (official code)
     full_kl_k: int = 0  # LP_REG: 0 = sampled-token k3 (A3 default); k > 0 = full forward KL over pi_proxy's top-k
-    logprob_chunk: int = 512  # response tokens projected to the vocabulary at a time
+    logprob_chunk: int = 256  # response tokens projected to the vocabulary at a time (memory: bench/logprob_memory.py)
     eval_every: int = 10  # steps between evaluations on held-out prompts (0 = only at the end)
     eval_prompts: int = 128  # held-out prompts per evaluation
     eval_samples: int = 16  # samples per held-out prompt for pass@1/8/16

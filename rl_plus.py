@@ -62,7 +62,7 @@ class Args:
     mis_u: float = 1.0  # U in pi_omega_hat = (p_old + U) / 2: 1 = official code; 0 = literal uniform 1/|V| (§8.1)
     clip_internal: bool = False  # PPO-clip the internal tokens' ratio (eps_low/eps_high); off in the code (§8.3)
     ent_coef: float = 0.001  # entropy bonus on the token-mean entropy of all response tokens (rl_plus.md §5)
-    logprob_chunk: int = 512  # response tokens projected to the vocabulary at a time
+    logprob_chunk: int = 256  # response tokens projected to the vocabulary at a time (memory: bench/logprob_memory.py)
     eval_every: int = 10  # steps between evaluations on held-out prompts (0 = only at the end)
     eval_prompts: int = 128  # held-out prompts per evaluation
     eval_samples: int = 16  # samples per held-out prompt for pass@1/8/16

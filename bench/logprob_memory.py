@@ -12,7 +12,7 @@ without gradients it measures peak extra memory and wall time of
   ours  -- the real code path: `common.token_logprobs` itself, called on a stub "model" whose forward returns fixed
            final hidden states [1, N+1, H] and whose output embedding is a [V, H] weight. So the mask/row selection,
            the `chunk_size` loop over `common._chunk_logprobs` and the torch.utils.checkpoint wrapping under grad are
-           exactly what the trainers run (default chunk_size 512, temperature 1.0).
+           exactly what the trainers run (default chunk_size 256, temperature 1.0).
   naive  -- logits = h @ W.T kept as one [N, V] tensor (as model(...).logits would be), then
            logits.float().log_softmax(-1).gather(-1, targets).
 With gradients, both the hidden states and the [V, H] weight require grad (the lm_head / tied embedding is trained),
@@ -172,7 +172,7 @@ def main():
     ap.add_argument("--n", type=int, nargs="+", default=None, help="response tokens (default 2048 8192)")
     ap.add_argument("--vocab", type=int, default=None, help="default 152064")
     ap.add_argument("--hidden", type=int, default=None, help="default 256 (896 is Qwen2.5-0.5B)")
-    ap.add_argument("--chunk", type=int, default=None, help="token_logprobs chunk_size (default 512, its default)")
+    ap.add_argument("--chunk", type=int, default=None, help="token_logprobs chunk_size (default 256, the trainers' default)")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     ap.add_argument("--naive_limit_gb", type=float, default=10.0)
     ap.add_argument("--case", help=argparse.SUPPRESS)
@@ -184,7 +184,7 @@ def main():
     a.n = a.n or ([512] if q else [2048, 8192])
     a.vocab = a.vocab or (32000 if q else 152064)
     a.hidden = a.hidden or 256
-    a.chunk = a.chunk or (128 if q else 512)
+    a.chunk = a.chunk or (128 if q else 256)
     cuda = torch.cuda.is_available()
     print(f"device {'cuda' if cuda else 'cpu'}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"V={a.vocab}, H={a.hidden}, chunk_size={a.chunk}, N={a.n}, naive limit {a.naive_limit_gb} GB", flush=True)
