@@ -150,7 +150,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_cache, tmp_path):
 
 
 def test_torchrun_two_ranks_stay_identical(tiny_cache, tmp_path):
-    p = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    p = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    str(ROOT / "tests" / "ddp_check.py"), "--max_steps", "2", "--eval_every", "2",
                    "--output_dir", str(tmp_path), *SMALL, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
