@@ -566,7 +566,8 @@ def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int
                    extra_ids=None) -> dict:
     """log pi(y_t) of every response token ([B, T], 0 where mask is 0), optionally the entropy of pi at each token
     and log pi of `extra_ids` ([B, T, K], e.g. the behaviour policy's top-K). Only masked response positions are
-    projected to the vocabulary, `chunk_size` rows at a time, each chunk recomputed in backward (checkpoint)."""
+    projected to the vocabulary, `chunk_size` rows at a time, each chunk recomputed in backward (checkpoint) when
+    the vocabulary is larger than the hidden size (for a tiny vocabulary recomputing would save nothing)."""
     mask = batch["mask"]  # [B, T]
     B, T = mask.shape
     h = response_hidden(model, batch["input_ids"], batch["attention_mask"], T)  # [B, T, H]
@@ -574,11 +575,12 @@ def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int
     h_sel, tgt = h.reshape(B * T, -1)[rows], batch["response_ids"].reshape(-1)[rows]  # [N, H], [N]
     ext = extra_ids.reshape(B * T, -1)[rows] if extra_ids is not None else None  # [N, K]
     weight = output_weight(model)
+    recompute = torch.is_grad_enabled() and weight.shape[0] > weight.shape[1]  # saves memory only when V > H
     parts = []
     for s in range(0, len(rows), chunk_size):
         args = (h_sel[s: s + chunk_size], weight, tgt[s: s + chunk_size], temperature, with_entropy,
                 ext[s: s + chunk_size] if ext is not None else None)
-        if torch.is_grad_enabled():
+        if recompute:
             parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             parts.append(_chunk_logprobs(*args))

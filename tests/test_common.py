@@ -201,11 +201,14 @@ def test_chunked_logprobs_equal_naive(tok, rand_model, temperature, chunk):
     assert all(torch.equal(before[k], batch[k]) for k in batch)  # inputs untouched
 
 
-def test_chunked_logprob_gradients_equal_naive(tok, rand_model):
-    _, batch = _batch(tok, rand_model)
-    out = common.token_logprobs(rand_model, batch, 1.0, chunk_size=4)
-    g1 = torch.autograd.grad(out["logp"].sum(), list(rand_model.parameters()))
-    g2 = torch.autograd.grad(naive_logprobs(rand_model, batch)[0].sum(), list(rand_model.parameters()))
+@pytest.mark.parametrize("vocab,hidden", [(None, 128), (300, 64)])  # V < H: plain chunks; V > H: recomputed chunks
+def test_chunked_logprob_gradients_equal_naive(tok, vocab, hidden):
+    model = common.tiny_model(vocab or len(tok), hidden=hidden, seed=0).eval()
+    _, batch = _batch(tok, model)
+    out = common.token_logprobs(model, batch, 1.0, chunk_size=4, with_entropy=True)
+    g1 = torch.autograd.grad((out["logp"] + out["entropy"]).sum(), list(model.parameters()))
+    ref_logp, ref_ent, _ = naive_logprobs(model, batch)
+    g2 = torch.autograd.grad((ref_logp + ref_ent).sum(), list(model.parameters()))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
 
 
