@@ -167,3 +167,13 @@ def test_grpo_learns_on_the_tiny_task(tiny_cache, tmp_path):
     recs = records(tmp_path)
     before, after = recs[1], recs[-1]
     assert after["eval/pass@1"] - before["eval/pass@1"] >= 0.1, (before, after)
+
+
+def test_evaluation_does_not_change_training(tiny_cache, tmp_path):
+    """Evaluation draws its own seeded samples: how often it runs must not change the training trajectory."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_script("grpo.py", "--max_steps", "4", "--eval_every", "0", "--output_dir", str(a), *SMALL).returncode == 0
+    assert run_script("grpo.py", "--max_steps", "4", "--eval_every", "1", "--output_dir", str(b), *SMALL).returncode == 0
+    keys = ["reward/mean", "loss/policy", "perf/grad_norm", "policy/entropy"]
+    train = lambda d: [[r[k] for k in keys] for r in records(d)[1:] if "reward/mean" in r]  # noqa: E731
+    assert train(a) == train(b) and len(train(a)) == 4
