@@ -5,7 +5,8 @@ python bench/methods.py                                # 6 trainers x 3 seeds x 
 python bench/methods.py --seeds 0 --steps 50           # a quick look
 
 Each run is `python <file> --seed S --max_steps N` with the file's own defaults (32 prompts x 8 samples per step for
-every method, so the same number of sampled responses), in its own process, one at a time. Finished runs are kept in
+every method, so the same number of sampled responses), in its own process, one at a time; `grpo_mb4` is grpo.py at
+DPPO's default of 4 optimizer steps per rollout batch. Finished runs are kept in
 --out and not redone. Writes docs/methods.md (the table) and docs/methods.png (curves averaged over seeds), and prints
 the table last: held-out pass@1/8/16 (128 prompts x 16 samples) at step 0 and at the end, entropy and response length
 over the last 10 steps, median seconds per step (sampling + scoring + log-probs + updates, the method's one-off
@@ -19,7 +20,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["grpo", "dph_rl", "lp_reg", "rl_plus", "delta_l", "dppo"]
+METHODS = ["grpo", "dph_rl", "lp_reg", "rl_plus", "delta_l", "dppo", "grpo_mb4"]
+VARIANTS = {"grpo_mb4": ("grpo", ["--mini_batches", "4"])}  # GRPO at DPPO's 4 optimizer steps per rollout batch
 
 
 def run(method: str, seed: int, steps: int, eval_every: int, out: Path) -> list:
@@ -28,9 +30,10 @@ def run(method: str, seed: int, steps: int, eval_every: int, out: Path) -> list:
     recs = [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
     if not recs or recs[-1].get("step") != steps or "eval/pass@1" not in recs[-1]:
         print(f"running {method} seed {seed} ...", flush=True)
-        subprocess.run([sys.executable, str(ROOT / f"{method}.py"), "--seed", str(seed), "--max_steps", str(steps),
+        file, extra = VARIANTS.get(method, (method, []))
+        subprocess.run([sys.executable, str(ROOT / f"{file}.py"), "--seed", str(seed), "--max_steps", str(steps),
                         "--eval_every", str(eval_every), "--log_examples_every", "0", "--save_every", "100000",
-                        "--output_dir", str(d)], check=True, capture_output=True, cwd=ROOT)
+                        "--output_dir", str(d), *extra], check=True, capture_output=True, cwd=ROOT)
         recs = [json.loads(x) for x in f.read_text().splitlines()]
     return recs[1:]
 
