@@ -387,4 +387,6 @@ if __name__ == "__main__":
 
     main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()  # all ranks leave together
+        if torch.distributed.get_backend() == "nccl":  # gloo's destroy can abort the process at exit (torch 2.13)
+            torch.distributed.destroy_process_group()

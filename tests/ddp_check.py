@@ -16,4 +16,4 @@ gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, flat)
 if dist.get_rank() == 0:
     (Path(args.output_dir) / "params_equal").write_text(str(all(torch.equal(gathered[0], g) for g in gathered)))
-dist.destroy_process_group()
+dist.barrier()  # all ranks leave together; no destroy_process_group: with gloo it can abort at exit (torch 2.13)
