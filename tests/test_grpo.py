@@ -177,3 +177,30 @@ def test_evaluation_does_not_change_training(tiny_cache, tmp_path):
     keys = ["reward/mean", "loss/policy", "perf/grad_norm", "policy/entropy"]
     train = lambda d: [[r[k] for k in keys] for r in records(d)[1:] if "reward/mean" in r]  # noqa: E731
     assert train(a) == train(b) and len(train(a)) == 4
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_cache, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "grpo.py", "--max_steps", "500", "--eval_every", "0", "--save_every", "1000",
+           "--output_dir", str(tmp_path), *SMALL]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ})
+    deadline = time.time() + 120
+    steps = lambda: len(records(tmp_path)) - 1 if (tmp_path / "metrics.jsonl").exists() else 0  # noqa: E731
+    while time.time() < deadline and steps() < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    assert "interrupted: saved" in out
+    done = records(tmp_path)[-1]["step"]
+    assert torch.load(tmp_path / "checkpoint.pt")["step"] == done < 500
+    p = run_script("grpo.py", "--max_steps", str(done + 1), "--eval_every", "0", "--output_dir", str(tmp_path),
+                   "--resume", "true", *SMALL)
+    assert p.returncode == 0 and f"at step {done}" in p.stdout, p.stdout[-2000:]
+    assert records(tmp_path)[-1]["step"] == done + 1
