@@ -424,7 +424,8 @@ class HFSampler:
         width = max(map(len, prompts))
         ids = torch.tensor([[self.tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        gen = model.generate(input_ids=ids, attention_mask=attn, generation_config=cfg)
+        gen = model.generate(input_ids=ids, attention_mask=attn, generation_config=cfg,
+                             past_key_values=self._shared_prefill(model, prompts, ids, attn))
         resp = gen.sequences[:, width:]  # [b, T]
         steps = [torch.log_softmax(s.float(), -1) for s in gen.scores]  # T x [b, V]: processed scores
         logp = torch.stack([lp.gather(-1, resp[:, t: t + 1]).squeeze(-1) for t, lp in enumerate(steps)], 1)
@@ -441,6 +442,25 @@ class HFSampler:
             if topk:
                 out.topk_ids.append(tk_ids[i, : len(r)].tolist())
                 out.topk_logp.append(tk_lp[i, : len(r)].tolist())
+
+    @staticmethod
+    def _shared_prefill(model, prompts: list, ids, attn):
+        """The n copies of a prompt share one prefill: a KV cache of all but the last prompt token, computed once per
+        distinct prompt and copied to each row (generate() then runs only the last prompt token per row). Same
+        tokens, same random draws as without it; None when no prompt repeats."""
+        first = {}  # distinct prompt -> its first row
+        for i, p in enumerate(prompts):
+            first.setdefault(tuple(p), i)
+        if len(first) == len(prompts) or ids.shape[1] < 2:
+            return None
+        slot = {p: j for j, p in enumerate(first)}
+        rows = torch.tensor(list(first.values()), device=ids.device)  # [U]
+        inv = torch.tensor([slot[tuple(p)] for p in prompts], device=ids.device)  # [b]: row -> distinct prompt
+        u_ids, u_attn = ids[rows, :-1], attn[rows, :-1]  # [U, width-1]
+        cache = model(input_ids=u_ids, attention_mask=u_attn, position_ids=(u_attn.cumsum(-1) - 1).clamp(min=0),
+                      use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_select_indices(inv)  # [U, ...] -> [b, ...]
+        return cache
 
 
 class VLLMSampler:
@@ -548,14 +568,29 @@ def _chunk_logprobs(h, weight, targets, temperature, with_entropy, extra_ids):
     return logp, ent, extra
 
 
-def response_hidden(model, input_ids, attention_mask, n_response: int):
+def response_hidden(model, input_ids, attention_mask, n_response: int, share_prompts: bool = True):
     """Final (normed) hidden states at the positions that predict the response tokens: [B, T, H]. Runs the forward
-    through `model` itself (DDP-wrapped or not) and keeps the logits of one position only."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does with left padding
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    hs = out.hidden_states[-1]  # [B, Tp+T, H]
-    return hs[:, hs.shape[1] - n_response - 1: hs.shape[1] - 1]  # [B, T, H]
+    through `model` itself (DDP-wrapped or not) and keeps the logits of one position only. Rows with the same prompt
+    (a GRPO group) share one prompt forward: its keys/values are copied to every row of the group and gradients flow
+    back through the copy, so each prompt is computed once per group, not G times (README, benchmark 3)."""
+    Tp = input_ids.shape[1] - n_response  # prompt width (left-padded)
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, Tp+T]  as generate() does with left padding
+    uniq, inv = torch.unique(torch.cat([input_ids[:, :Tp], attention_mask[:, :Tp]], 1), dim=0, return_inverse=True)
+    if not share_prompts or len(uniq) == len(input_ids):  # every prompt distinct: one plain forward
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        return out.hidden_states[-1][:, Tp - 1: -1]  # [B, T, H]
+    p_ids, p_mask = uniq[:, :Tp], uniq[:, Tp:]  # [U, Tp]: the distinct prompts
+    first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
+                  output_hidden_states=True, logits_to_keep=1, use_cache=True)
+    h = first.hidden_states[-1][inv, -1:]  # [B, 1, H]: the last prompt position predicts response token 0
+    if n_response == 1:
+        return h
+    cache = first.past_key_values
+    cache.batch_select_indices(inv)  # [U, ...] -> [B, ...] keys/values, an indexing op autograd differentiates
+    rest = model(input_ids=input_ids[:, Tp:-1], attention_mask=attention_mask[:, :-1], position_ids=pos[:, Tp:-1],
+                 past_key_values=cache, output_hidden_states=True, logits_to_keep=1, use_cache=True)
+    return torch.cat([h, rest.hidden_states[-1]], 1)  # [B, T, H]
 
 
 def output_weight(model):

@@ -212,6 +212,50 @@ def test_chunked_logprob_gradients_equal_naive(tok, vocab, hidden):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
 
 
+def _mixed_prompts(tok):
+    """Four prompts of two different lengths (left padding is exercised)."""
+    ex = common.load_task("arithmetic:1", n_train=4, n_test=2)[0][:2]
+    return common.encode_prompts(tok, ex + common.load_task("countdown", n_train=4, n_test=2)[0][:2])
+
+
+def _mixed_batch(tok, model, max_new, seed=0):
+    """Each of _mixed_prompts sampled 3 times, rows shuffled so that groups are not contiguous."""
+    s = common.HFSampler(tok).generate(model, _mixed_prompts(tok), 3, max_new, seed=seed)
+    batch = common.collate(s, tok.pad_token_id, "cpu")
+    perm = torch.randperm(len(s.response_ids), generator=torch.Generator().manual_seed(seed))
+    return {k: v[perm] for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("max_new", [1, 10])
+def test_shared_prompt_forward_equals_naive(tok, rand_model, max_new):
+    """Rows with the same prompt share one prompt forward (response_hidden): values and gradients as if every row
+    ran its own prompt, with left padding, shuffled groups and one-token responses."""
+    batch = _mixed_batch(tok, rand_model, max_new)
+    assert len(set(map(tuple, batch["input_ids"][:, : -batch["mask"].shape[1]].tolist()))) == 4
+    out = common.token_logprobs(rand_model, batch, 1.0, with_entropy=True)
+    ref_logp, ref_ent, _ = naive_logprobs(rand_model, batch)
+    assert torch.allclose(out["logp"], ref_logp, atol=1e-5) and torch.allclose(out["entropy"], ref_ent, atol=1e-5)
+    g1 = torch.autograd.grad((out["logp"] * batch["old_logp"]).sum(), list(rand_model.parameters()))
+    g2 = torch.autograd.grad((ref_logp * batch["old_logp"]).sum(), list(rand_model.parameters()))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+    h = common.response_hidden(rand_model, batch["input_ids"], batch["attention_mask"], batch["mask"].shape[1])
+    h0 = common.response_hidden(rand_model, batch["input_ids"], batch["attention_mask"], batch["mask"].shape[1],
+                                share_prompts=False)
+    m = batch["mask"][..., None]  # [B, T, 1]
+    assert h.shape == h0.shape and torch.allclose(h * m, h0 * m, atol=1e-5)
+
+
+def test_sampler_shared_prefill_changes_nothing(tok, rand_model, monkeypatch):
+    """The sampler's once-per-prompt prefill gives the same tokens and log-probs as prefilling every copy."""
+    p = _mixed_prompts(tok)
+    assert len({len(x) for x in p}) > 1  # left padding is exercised
+    a = common.HFSampler(tok).generate(rand_model, p, 4, 8, seed=2, topk=3)
+    monkeypatch.setattr(common.HFSampler, "_shared_prefill", staticmethod(lambda *_: None))
+    b = common.HFSampler(tok).generate(rand_model, p, 4, 8, seed=2, topk=3)
+    assert a.response_ids == b.response_ids and a.topk_ids == b.topk_ids
+    assert all(abs(x - y) < 1e-5 for u, v in zip(a.logp, b.logp) for x, y in zip(u, v))
+
+
 def test_hf_sampler_behaviour_logprobs_match_trainer(tok, rand_model):
     s, batch = _batch(tok, rand_model, temperature=0.8)
     assert len(s.response_ids) == 6 and all(f in ("stop", "length") for f in s.finish)
