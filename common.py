@@ -576,21 +576,23 @@ def response_hidden(model, input_ids, attention_mask, n_response: int, share_pro
     Tp = input_ids.shape[1] - n_response  # prompt width (left-padded)
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, Tp+T]  as generate() does with left padding
     uniq, inv = torch.unique(torch.cat([input_ids[:, :Tp], attention_mask[:, :Tp]], 1), dim=0, return_inverse=True)
-    if not share_prompts or len(uniq) == len(input_ids):  # every prompt distinct: one plain forward
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        return out.hidden_states[-1][:, Tp - 1: -1]  # [B, T, H]
-    p_ids, p_mask = uniq[:, :Tp], uniq[:, Tp:]  # [U, Tp]: the distinct prompts
-    first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                  output_hidden_states=True, logits_to_keep=1, use_cache=True)
-    h = first.hidden_states[-1][inv, -1:]  # [B, 1, H]: the last prompt position predicts response token 0
-    if n_response == 1:
-        return h
-    cache = first.past_key_values
-    cache.batch_select_indices(inv)  # [U, ...] -> [B, ...] keys/values, an indexing op autograd differentiates
-    rest = model(input_ids=input_ids[:, Tp:-1], attention_mask=attention_mask[:, :-1], position_ids=pos[:, Tp:-1],
-                 past_key_values=cache, output_hidden_states=True, logits_to_keep=1, use_cache=True)
-    return torch.cat([h, rest.hidden_states[-1]], 1)  # [B, T, H]
+    if share_prompts and len(uniq) < len(input_ids):
+        p_ids, p_mask = uniq[:, :Tp], uniq[:, Tp:]  # [U, Tp]: the distinct prompts
+        first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
+                      output_hidden_states=True, logits_to_keep=1, use_cache=True)
+        h = first.hidden_states[-1][inv, -1:]  # [B, 1, H]: the last prompt position predicts response token 0
+        cache = first.past_key_values  # None if the model refuses a cache (e.g. HF gradient checkpointing)
+        if n_response == 1:
+            return h
+        if cache is not None:
+            cache.batch_select_indices(inv)  # [U, ...] -> [B, ...] keys/values, an indexing op autograd differentiates
+            rest = model(input_ids=input_ids[:, Tp:-1], attention_mask=attention_mask[:, :-1],
+                         position_ids=pos[:, Tp:-1], past_key_values=cache, output_hidden_states=True,
+                         logits_to_keep=1, use_cache=True)
+            return torch.cat([h, rest.hidden_states[-1]], 1)  # [B, T, H]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,  # one plain forward
+                output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1][:, Tp - 1: -1]  # [B, T, H]
 
 
 def output_weight(model):

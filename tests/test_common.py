@@ -245,6 +245,16 @@ def test_shared_prompt_forward_equals_naive(tok, rand_model, max_new):
     assert h.shape == h0.shape and torch.allclose(h * m, h0 * m, atol=1e-5)
 
 
+def test_shared_prompt_forward_falls_back_without_a_cache(tok, rand_model):
+    """HF gradient checkpointing turns the KV cache off in training: the per-row forward is used, same values."""
+    batch = _mixed_batch(tok, rand_model, 10)
+    ref_logp, _, _ = naive_logprobs(rand_model, batch)
+    rand_model.gradient_checkpointing_enable()
+    rand_model.train()  # dropout is 0 in the tiny config
+    out = common.token_logprobs(rand_model, batch, 1.0)
+    assert torch.allclose(out["logp"], ref_logp, atol=1e-5)
+
+
 def test_sampler_shared_prefill_changes_nothing(tok, rand_model, monkeypatch):
     """The sampler's once-per-prompt prefill gives the same tokens and log-probs as prefilling every copy."""
     p = _mixed_prompts(tok)
