@@ -558,14 +558,41 @@ def collate(samples: Samples, pad_id: int, device) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Per-token log-probs without a float32 [B, T, V] tensor
 # ---------------------------------------------------------------------------------------------------------------
-def _chunk_logprobs(h, weight, targets, temperature, with_entropy, extra_ids):
-    """h: [n, H], targets: [n], extra_ids: [n, K] or None -> logp [n], entropy [n] or None, extra [n, K] or None."""
-    logits = (h @ weight.T).float() / temperature  # [n, V]: one chunk only
-    lse = torch.logsumexp(logits, -1)  # [n]
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # [n]
-    ent = lse - (torch.softmax(logits, -1) * logits).sum(-1) if with_entropy else None  # [n]
-    extra = logits.gather(-1, extra_ids) - lse[:, None] if extra_ids is not None else None  # [n, K]
-    return logp, ent, extra
+def _upcast(x):  # bf16/fp16 -> float32 for an accurate logsumexp; float32/float64 unchanged
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class _ChunkLogprobs(torch.autograd.Function):
+    """One chunk of response rows -> log pi(target) [n], entropy [n], log pi(extra ids) [n, K], at least float32.
+    Saves only its inputs and two [n] vectors; backward recomputes the chunk's [n, V] logits once and turns them into
+    their gradient in place, so at most two float32 [n, V] buffers are alive at any time (autograd through
+    logsumexp/softmax would keep four or five). h: [n, H], weight: [V, H], targets: [n], extra_ids: [n, K], K >= 0."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, extra_ids, temperature: float, with_entropy: bool):
+        z = _upcast(h @ weight.T).div_(temperature)  # [n, V] logits of this chunk only
+        lse = torch.logsumexp(z, -1)  # [n]
+        logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse  # [n]
+        extra = z.gather(-1, extra_ids) - lse[:, None]  # [n, K]
+        ent = lse - torch.softmax(z, -1).mul_(z).sum(-1) if with_entropy else torch.zeros_like(lse)  # [n] lse - E_p[z]
+        ctx.save_for_backward(h, weight, targets, extra_ids, lse, ent)
+        ctx.temperature, ctx.with_entropy = temperature, with_entropy
+        return logp, ent, extra
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, g_extra):  # [n], [n], [n, K]
+        h, weight, targets, extra_ids, lse, ent = ctx.saved_tensors
+        z = _upcast(h @ weight.T).div_(ctx.temperature)  # [n, V] recomputed
+        p = (z - lse[:, None]).exp_()  # [n, V] softmax
+        # d logp/dz = onehot(y) - p;  d extra_k/dz = onehot(k) - p;  d entropy/dz = -p * (z - E_p[z])
+        dz = z.sub_((lse - ent)[:, None]).mul_(-g_ent[:, None]) if ctx.with_entropy else z.zero_()  # [n, V] in place
+        dz.sub_((g_logp + g_extra.sum(-1))[:, None]).mul_(p)
+        del p
+        dz.scatter_add_(-1, targets[:, None], g_logp[:, None]).scatter_add_(-1, extra_ids, g_extra)
+        dz = dz.div_(ctx.temperature).to(weight.dtype)
+        grad_h = (dz @ weight).to(h.dtype) if ctx.needs_input_grad[0] else None  # [n, H]
+        grad_w = dz.T @ h.to(weight.dtype) if ctx.needs_input_grad[1] else None  # [V, H]
+        return grad_h, grad_w, None, None, None, None
 
 
 def response_hidden(model, input_ids, attention_mask, n_response: int, share_prompts: bool = True):
@@ -603,28 +630,20 @@ def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int
                    extra_ids=None) -> dict:
     """log pi(y_t) of every response token ([B, T], 0 where mask is 0), optionally the entropy of pi at each token
     and log pi of `extra_ids` ([B, T, K], e.g. the behaviour policy's top-K). Only masked response positions are
-    projected to the vocabulary, `chunk_size` rows at a time, each chunk recomputed in backward (checkpoint) when
-    the vocabulary is larger than the hidden size (for a tiny vocabulary recomputing would save nothing)."""
+    projected to the vocabulary, `chunk_size` rows at a time, each chunk recomputed in backward (_ChunkLogprobs)."""
     mask = batch["mask"]  # [B, T]
     B, T = mask.shape
     h = response_hidden(model, batch["input_ids"], batch["attention_mask"], T)  # [B, T, H]
     rows = mask.reshape(-1).nonzero().squeeze(-1)  # [N] flat indices of real response tokens
     h_sel, tgt = h.reshape(B * T, -1)[rows], batch["response_ids"].reshape(-1)[rows]  # [N, H], [N]
-    ext = extra_ids.reshape(B * T, -1)[rows] if extra_ids is not None else None  # [N, K]
+    ext = extra_ids.reshape(B * T, -1)[rows] if extra_ids is not None else tgt.new_zeros((len(rows), 0))  # [N, K]
     weight = output_weight(model)
-    recompute = torch.is_grad_enabled() and weight.shape[0] > weight.shape[1]  # saves memory only when V > H
-    parts = []
-    for s in range(0, len(rows), chunk_size):
-        args = (h_sel[s: s + chunk_size], weight, tgt[s: s + chunk_size], temperature, with_entropy,
-                ext[s: s + chunk_size] if ext is not None else None)
-        if recompute:
-            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(*args))
+    parts = [_ChunkLogprobs.apply(h_sel[s: s + chunk_size], weight, tgt[s: s + chunk_size], ext[s: s + chunk_size],
+                                  temperature, with_entropy) for s in range(0, len(rows), chunk_size)]
 
     def scatter(i, shape):  # chunk results back to [B, T(, K)], zeros off the mask
         vals = torch.cat([p[i] for p in parts]) if parts else h.new_zeros((0,) + shape[2:], dtype=torch.float32)
-        full = torch.zeros((B * T,) + shape[2:], dtype=torch.float32, device=mask.device)
+        full = torch.zeros((B * T,) + shape[2:], dtype=vals.dtype, device=mask.device)
         return full.index_copy(0, rows, vals).reshape(shape)
 
     out = {"logp": scatter(0, (B, T))}  # [B, T]

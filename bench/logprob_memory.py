@@ -11,7 +11,7 @@ For every N, logits dtype (float32, or bfloat16 hidden states and weight so the 
 without gradients it measures peak extra memory and wall time of
   ours  -- the real code path: `common.token_logprobs` itself, called on a stub "model" whose forward returns fixed
            final hidden states [1, N+1, H] and whose output embedding is a [V, H] weight. So the mask/row selection,
-           the `chunk_size` loop over `common._chunk_logprobs` and the torch.utils.checkpoint wrapping under grad are
+           the `chunk_size` loop over `common._ChunkLogprobs` (its hand-written backward recomputes each chunk) are
            exactly what the trainers run (default chunk_size 256, temperature 1.0).
   naive  -- logits = h @ W.T kept as one [N, V] tensor (as model(...).logits would be), then
            logits.float().log_softmax(-1).gather(-1, targets).
@@ -110,7 +110,7 @@ def child(a):
     n, grad, dtype = int(n), grad == "grad", DTYPES[dtype_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    # warm-up through the same path on tiny shapes (checkpoint's first-call overhead, kernel/lib loading)
+    # warm-up through the same path on tiny shapes (first-call overhead, kernel/lib loading)
     hs, w, tgt, coef, batch = make_inputs(8, 64, 16, dtype, grad, device, seed=1)
     with torch.set_grad_enabled(grad):
         lp = run_ours(hs, w, batch, 4) if method == "ours" else run_naive(hs, w, tgt)

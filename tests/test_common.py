@@ -201,7 +201,7 @@ def test_chunked_logprobs_equal_naive(tok, rand_model, temperature, chunk):
     assert all(torch.equal(before[k], batch[k]) for k in batch)  # inputs untouched
 
 
-@pytest.mark.parametrize("vocab,hidden", [(None, 128), (300, 64)])  # V < H: plain chunks; V > H: recomputed chunks
+@pytest.mark.parametrize("vocab,hidden", [(None, 128), (300, 64)])  # V < H and V > H
 def test_chunked_logprob_gradients_equal_naive(tok, vocab, hidden):
     model = common.tiny_model(vocab or len(tok), hidden=hidden, seed=0).eval()
     _, batch = _batch(tok, model)
@@ -264,6 +264,21 @@ def test_sampler_shared_prefill_changes_nothing(tok, rand_model, monkeypatch):
     b = common.HFSampler(tok).generate(rand_model, p, 4, 8, seed=2, topk=3)
     assert a.response_ids == b.response_ids and a.topk_ids == b.topk_ids
     assert all(abs(x - y) < 1e-5 for u, v in zip(a.logp, b.logp) for x, y in zip(u, v))
+
+
+@pytest.mark.parametrize("temperature,with_entropy", [(1.0, True), (0.7, True), (1.3, False)])
+def test_chunk_logprobs_backward_passes_gradcheck(temperature, with_entropy):
+    """The hand-written backward of one chunk (logp, entropy, extra log-probs) against finite differences."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)  # [n, H]
+    w = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)  # [V, H]
+    tgt, ext = torch.tensor([0, 3, 6, 3, 1]), torch.tensor([[1, 2], [3, 0], [6, 5], [2, 3], [4, 1]])
+    f = lambda h, w: common._ChunkLogprobs.apply(h, w, tgt, ext, temperature, with_entropy)  # noqa: E731
+    logp, ent, extra = f(h, w)
+    lp = torch.log_softmax(h @ w.T / temperature, -1)  # [n, V] naive
+    assert torch.allclose(logp, lp.gather(-1, tgt[:, None]).squeeze(-1)) and torch.allclose(extra, lp.gather(-1, ext))
+    assert torch.allclose(ent, -(lp.exp() * lp).sum(-1)) if with_entropy else torch.all(ent == 0)
+    assert torch.autograd.gradcheck(f, (h, w))
 
 
 def test_hf_sampler_behaviour_logprobs_match_trainer(tok, rand_model):
