@@ -607,12 +607,13 @@ def response_hidden(model, input_ids, attention_mask, n_response: int, share_pro
         p_ids, p_mask = uniq[:, :Tp], uniq[:, Tp:]  # [U, Tp]: the distinct prompts
         first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
                       output_hidden_states=True, logits_to_keep=1, use_cache=True)
-        h = first.hidden_states[-1][inv, -1:]  # [B, 1, H]: the last prompt position predicts response token 0
+        h = first.hidden_states[-1][:, -1:].index_select(0, inv)  # [B, 1, H]: predicts response token 0
         cache = first.past_key_values  # None if the model refuses a cache (e.g. HF gradient checkpointing)
         if n_response == 1:
             return h
         if cache is not None:
-            cache.batch_select_indices(inv)  # [U, ...] -> [B, ...] keys/values, an indexing op autograd differentiates
+            for layer in cache.layers:  # keys/values [U, heads, Tp, d] -> [B, ...]; autograd sums the copies' grads
+                layer.keys, layer.values = layer.keys.index_select(0, inv), layer.values.index_select(0, inv)
             rest = model(input_ids=input_ids[:, Tp:-1], attention_mask=attention_mask[:, :-1],
                          position_ids=pos[:, Tp:-1], past_key_values=cache, output_hidden_states=True,
                          logits_to_keep=1, use_cache=True)
@@ -635,7 +636,7 @@ def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int
     B, T = mask.shape
     h = response_hidden(model, batch["input_ids"], batch["attention_mask"], T)  # [B, T, H]
     rows = mask.reshape(-1).nonzero().squeeze(-1)  # [N] flat indices of real response tokens
-    h_sel, tgt = h.reshape(B * T, -1)[rows], batch["response_ids"].reshape(-1)[rows]  # [N, H], [N]
+    h_sel, tgt = h.reshape(B * T, -1).index_select(0, rows), batch["response_ids"].reshape(-1)[rows]  # [N, H], [N]
     ext = extra_ids.reshape(B * T, -1)[rows] if extra_ids is not None else tgt.new_zeros((len(rows), 0))  # [N, K]
     weight = output_weight(model)
     parts = [_ChunkLogprobs.apply(h_sel[s: s + chunk_size], weight, tgt[s: s + chunk_size], ext[s: s + chunk_size],
