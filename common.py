@@ -595,6 +595,14 @@ class _ChunkLogprobs(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None
 
 
+def _plain_kv_cache(cache) -> bool:
+    """Only per-layer keys/values can be copied row by row (not linear-attention or quantized states, not None)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None) or [None]
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
+
+
 def response_hidden(model, input_ids, attention_mask, n_response: int, share_prompts: bool = True):
     """Final (normed) hidden states at the positions that predict the response tokens: [B, T, H]. Runs the forward
     through `model` itself (DDP-wrapped or not) and keeps the logits of one position only. Rows with the same prompt
@@ -608,10 +616,10 @@ def response_hidden(model, input_ids, attention_mask, n_response: int, share_pro
         first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
                       output_hidden_states=True, logits_to_keep=1, use_cache=True)
         h = first.hidden_states[-1][:, -1:].index_select(0, inv)  # [B, 1, H]: predicts response token 0
-        cache = first.past_key_values  # None if the model refuses a cache (e.g. HF gradient checkpointing)
+        cache = first.past_key_values  # None if the model refuses one (HF gradient checkpointing): plain forward
         if n_response == 1:
             return h
-        if cache is not None:
+        if _plain_kv_cache(cache):
             for layer in cache.layers:  # keys/values [U, heads, Tp, d] -> [B, ...]; autograd sums the copies' grads
                 layer.keys, layer.values = layer.keys.index_select(0, inv), layer.values.index_select(0, inv)
             rest = model(input_ids=input_ids[:, Tp:-1], attention_mask=attention_mask[:, :-1],

@@ -238,7 +238,12 @@ def test_shared_prompt_forward_equals_naive(tok, rand_model, max_new):
     g1 = torch.autograd.grad((out["logp"] * batch["old_logp"]).sum(), list(rand_model.parameters()))
     g2 = torch.autograd.grad((ref_logp * batch["old_logp"]).sum(), list(rand_model.parameters()))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+    calls = []  # the shared path really runs: 4 distinct prompts once, then the B responses on their copied cache
+    hook = rand_model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
     h = common.response_hidden(rand_model, batch["input_ids"], batch["attention_mask"], batch["mask"].shape[1])
+    hook.remove()
+    B, T = batch["mask"].shape
+    assert calls == [(4, batch["input_ids"].shape[1] - T)] + ([(B, T - 1)] if T > 1 else [])
     h0 = common.response_hidden(rand_model, batch["input_ids"], batch["attention_mask"], batch["mask"].shape[1],
                                 share_prompts=False)
     m = batch["mask"][..., None]  # [B, T, 1]
