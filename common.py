@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tasks: a built-in generator per family, and JSONL / hub data for math

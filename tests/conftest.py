@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,15 @@ def tok():
 def rand_model(tok):
     """An untrained tiny Llama (random weights): enough for exactness tests."""
     return common.tiny_model(len(tok), seed=0).eval()
+
+
+SMALL = ["--prompts_per_step", "4", "--group_size", "4", "--eval_prompts", "8", "--eval_samples", "16",
+         "--log_examples_every", "1"]  # a trainer run of a few seconds
+
+
+def records(d):
+    """The metrics.jsonl records of a run folder (the first one is the Args)."""
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_script(*args, timeout=600, env=None):

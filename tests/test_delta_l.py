@@ -1,11 +1,10 @@
 """delta_l.py: the weights and every aggregation mode on hand-computed examples and naive references
 (shared/specs/delta_l.md §5), then the script itself for a few steps."""
-import json
 import math
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import SMALL, records, run_script
 
 import delta_l
 from delta_l import aggregate, delta_l_weights, micro_weight, policy_loss
@@ -198,14 +197,6 @@ def test_cv_ordering_on_synthetic_gradients():  # §5.9: g_i = mu + sqrt(V L_i) 
 
 
 # ---- the script -------------------------------------------------------------------------------------------------
-SMALL = ["--prompts_per_step", "4", "--group_size", "4", "--eval_prompts", "8", "--eval_samples", "16",
-         "--log_examples_every", "1"]
-
-
-def records(d):
-    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_importing_delta_l_starts_nothing():
     a = delta_l.Args()
     assert hasattr(delta_l, "main") and a.model == "tiny" and a.agg == "delta_l" and a.alpha == 1.0

@@ -1,11 +1,10 @@
 """dph_rl.py: the f-divergences, routing, split and PPO properties of dph_rl.md §5 on hand-computed micro-examples
 and naive references, then the script itself end to end."""
-import json
 import math
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import records, run_script, SMALL as BASE_SMALL
 
 import dph_rl
 from common import Example, HFSampler, Samples, collate, token_logprobs
@@ -254,12 +253,7 @@ def test_stored_ref_logp_is_the_initial_model_at_the_training_temperature(tok, r
 
 
 # ---- the script -------------------------------------------------------------------------------------------------
-SMALL = ["--prompts_per_step", "4", "--group_size", "4", "--eval_prompts", "8", "--eval_samples", "16",
-         "--log_examples_every", "1", "--pef_split_prompts", "48", "--pef_min_correct", "2"]
-
-
-def records(d):
-    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+SMALL = BASE_SMALL + ["--pef_split_prompts", "48", "--pef_min_correct", "2"]
 
 
 def test_importing_dph_rl_starts_nothing():

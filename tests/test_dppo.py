@@ -1,11 +1,10 @@
 """DPPO (dppo.py): the properties of ../shared/specs/dppo.md §6 on hand-computed micro-examples, plus a smoke run."""
 import inspect
-import json
 import math
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import records, run_script, SMALL
 
 import common
 import dppo
@@ -230,14 +229,6 @@ def test_behaviour_topk_from_the_sampler_matches_the_trainer(tok, rand_model):
 
 
 # ---- the script ---------------------------------------------------------------------------------------------------
-SMALL = ["--prompts_per_step", "4", "--group_size", "4", "--eval_prompts", "8", "--eval_samples", "16",
-         "--log_examples_every", "1"]
-
-
-def records(d):
-    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_importing_dppo_starts_nothing():
     assert hasattr(dppo, "main") and dppo.Args().model == "tiny"
 

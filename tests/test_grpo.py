@@ -1,10 +1,9 @@
 """grpo.py: advantage and loss on hand-computed micro-examples, then the script itself end to end."""
-import json
 import math
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, records, run_script, SMALL
 
 import grpo
 from grpo import aggregate, group_advantages, micro_weight, policy_loss
@@ -100,14 +99,6 @@ def test_micro_batches_accumulate_to_the_whole_batch(agg):
 
 
 # ---- the script -------------------------------------------------------------------------------------------------
-SMALL = ["--prompts_per_step", "4", "--group_size", "4", "--eval_prompts", "8", "--eval_samples", "16",
-         "--log_examples_every", "1"]
-
-
-def records(d):
-    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_importing_grpo_starts_nothing():
     assert hasattr(grpo, "main") and grpo.Args().model == "tiny"
 

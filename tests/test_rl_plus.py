@@ -1,10 +1,9 @@
 """rl_plus.py: the spec's §7 properties on hand-computed micro-examples, then the script itself end to end."""
-import json
 import math
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import records, run_script, SMALL
 
 import common
 import grpo
@@ -169,14 +168,6 @@ def test_missing_or_long_solutions(tok, capsys):
 
 
 # ---- the script -------------------------------------------------------------------------------------------------
-SMALL = ["--prompts_per_step", "4", "--group_size", "4", "--eval_prompts", "8", "--eval_samples", "16",
-         "--log_examples_every", "1"]
-
-
-def records(d):
-    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_importing_rl_plus_starts_nothing():
     assert hasattr(rl_plus, "main") and rl_plus.Args().output_dir == "runs/rl_plus"
     assert rl_plus.Args().beta == 0 and rl_plus.Args().ent_coef == 0.001  # no KL, no reference model (§5)
