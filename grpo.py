@@ -279,5 +279,8 @@ if __name__ == "__main__":
     main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # all ranks leave together
-        if torch.distributed.get_backend() == "nccl":  # gloo's destroy can abort the process at exit (torch 2.13)
+        if torch.distributed.get_backend() == "nccl":
             torch.distributed.destroy_process_group()
+        else:  # gloo's threads can abort the interpreter's exit (torch 2.13); everything is saved: leave at once
+            print(end="", flush=True)
+            os._exit(0)
