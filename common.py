@@ -8,12 +8,14 @@ Shape legend used in every file:
   Tp = prompt tokens (left-padded), T = response tokens (right-padded), V = vocabulary, H = hidden size.
 """
 import contextlib
+import copy
 import json
 import math
 import os
 import re
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,11 +131,12 @@ def _from_hub(name: str, split: str) -> list:
     return read_jsonl(tmp)
 
 
-def load_task(task: str, n_train: int = 5000, n_test: int = 500, seed: int = 0):
-    """Returns (train, test) lists of Example. Built-ins are generated from `seed`; test never overlaps train."""
+def load_task(task: str, n_train: int = None, n_test: int = 500, seed: int = 0):
+    """Returns (train, test) lists of Example. Built-ins are generated from `seed` (n_train = 5000 by default); test
+    never overlaps train. Data files keep all their training rows unless n_train is given."""
     family, level = parse_task_name(task)
     if level is not None:
-        make = BUILTIN_TASKS[family][0]
+        make, n_train = BUILTIN_TASKS[family][0], n_train or 5000
         pool = make(n_train + 2 * n_test, seed + 1000 * level, level)
         pool = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]  # rare prompts come last
         test = pool[-n_test:]
@@ -161,15 +164,24 @@ def load_task(task: str, n_train: int = 5000, n_test: int = 500, seed: int = 0):
 # ---------------------------------------------------------------------------------------------------------------
 # Verification: reward 1.0 when correct, else 0.0
 # ---------------------------------------------------------------------------------------------------------------
-def extract_answer(completion: str) -> str:
-    """Content of the last \\boxed{...} if there is one, else the last non-empty line."""
+def last_boxed(completion: str):
+    """Content of the last complete \\boxed{...} (braces balanced), or None."""
     start = completion.rfind("\\boxed{")
-    if start >= 0:
-        depth, i = 1, start + len("\\boxed{")
-        for j in range(i, len(completion)):
-            depth += {"{": 1, "}": -1}.get(completion[j], 0)
-            if depth == 0:
-                return completion[i:j].strip()
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(completion)):
+        depth += {"{": 1, "}": -1}.get(completion[j], 0)
+        if depth == 0:
+            return completion[i:j].strip()
+    return None
+
+
+def extract_answer(completion: str) -> str:
+    """Content of the last \\boxed{...} if there is one, else the last non-empty line (the tiny model's format)."""
+    box = last_boxed(completion)
+    if box is not None:
+        return box
     lines = [ln.strip() for ln in completion.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
@@ -194,15 +206,20 @@ def verify_arithmetic(completion: str, gold: str) -> float:
 
 
 def verify_math(completion: str, gold: str, timeout: int = 5) -> float:
-    """math-verify on the last 2000 characters. Its time limits use SIGALRM, which works only on the main thread;
-    elsewhere they are off (math-verify's own rule), so call this from the trainer's main thread."""
+    """1.0 when the content of the last \\boxed{} equals the gold answer, judged by math-verify (equal numbers,
+    fractions, expressions, sets...). No \\boxed{} scores 0: the prompt asks for one, and only what is inside it
+    is parsed, so an answer elsewhere in the text ("I think 72 apples") never counts. math-verify's time limits use
+    SIGALRM, which works only on the main thread (elsewhere they are off), so call this from the main thread."""
     from math_verify import parse, verify
 
-    if extract_answer(completion) == gold:
+    box = last_boxed(completion)
+    if box is None:
+        return 0.0
+    if box == gold:
         return 1.0
     t = timeout if threading.current_thread() is threading.main_thread() else None
     gold_p = parse(f"\\boxed{{{gold}}}", parsing_timeout=t)
-    pred_p = parse(completion[-2000:], parsing_timeout=t)
+    pred_p = parse(f"\\boxed{{{box}}}", parsing_timeout=t)
     return float(bool(gold_p) and bool(pred_p) and verify(gold_p, pred_p, timeout_seconds=t))
 
 
@@ -325,27 +342,33 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The compute dtype (autocast); weights and optimizer state are always float32."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"--dtype must be auto, float32 or bfloat16, not {dtype!r} (float16 would need loss scaling)")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
-def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype):
-    """A Hugging Face id or a local folder -> (model in eval mode, tokenizer with left padding and a pad token)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model_and_tokenizer(path: str, device: torch.device):
+    """A Hugging Face id or a local folder -> (model with float32 master weights in eval mode, tokenizer with left
+    padding and a pad token, the dtype the weights were stored in, for saving the trained model the same way)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
         raise SystemExit(f"could not load model {path!r}: no such folder")
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        stored = getattr(AutoConfig.from_pretrained(path), "dtype", None) or torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise SystemExit(f"could not load model {path!r}: not a local folder with a model and tokenizer, and not "
                          f"a Hugging Face id that can be downloaded ({type(e).__name__}: {str(e)[:200]})") from None
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return model.to(device).eval(), tok
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    return model.to(device).eval(), tok, stored
 
 
 def encode_prompts(tok, examples: list) -> list:
@@ -357,153 +380,204 @@ def encode_prompts(tok, examples: list) -> list:
     return [tok(e.prompt)["input_ids"] for e in examples]
 
 
-def drop_long_prompts(tok, examples: list, max_prompt_len: int, name: str) -> list:
-    """Skip (with a warning) prompts longer than the context allows; an error if none is left."""
+def drop_long_prompts(tok, examples: list, max_prompt_len: int, name: str, need: int = 1) -> list:
+    """Skip (with a warning) prompts longer than the context allows; an error if fewer than `need` are left."""
     keep = [e for e, ids in zip(examples, encode_prompts(tok, examples)) if len(ids) <= max_prompt_len]
     if len(keep) < len(examples):
         print(f"warning: skipped {len(examples) - len(keep)} of {len(examples)} {name} prompts longer than "
               f"{max_prompt_len} tokens")
-    if not keep:
-        raise SystemExit(f"every {name} prompt is longer than {max_prompt_len} tokens: raise --max_prompt_len")
+    if len(keep) < need:
+        raise SystemExit(f"only {len(keep)} {name} prompts fit in {max_prompt_len} tokens (of {len(examples)}), "
+                         f"fewer than the {need} needed: use more data, fewer prompts per step, or a longer "
+                         f"--max_prompt_len")
     return keep
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling: one interface (`generate`), two backends (HF generate, vLLM in-process)
+# Sampling: one interface (`generate`), two backends (a decode loop on the policy itself, vLLM in-process)
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class Samples:
     """Per sequence, in the order prompt 0 x n, prompt 1 x n, ... (lists, since lengths differ)."""
     prompt_ids: list  # [B][Tp_i]
-    response_ids: list  # [B][T_i], up to and including the first eos
+    response_ids: list  # [B][T_i], up to and including the first stop token
     logp: list  # [B][T_i] behaviour log-prob of each sampled token (temperature applied)
-    finish: list  # [B] "stop" (eos) | "length" (cut at max_new_tokens)
+    finish: list  # [B] "stop" (a stop token) | "length" (cut at max_new_tokens)
     topk_ids: list = None  # [B][T_i][K] behaviour top-K ids per position (when asked for)
     topk_logp: list = None  # [B][T_i][K] their log-probs
 
 
-def _cut_at_eos(ids: list, eos_ids: set) -> tuple:
+def stream_seeds(key, n: int) -> list:
+    """n independent seeds from a key such as (seed, "rollout", step). Prompt i of a call samples from its own
+    random stream, so no two prompts, calls or steps share noise, and a prompt's samples do not depend on the rank
+    or batch it lands in: N ranks draw what one process would. Below 2**62, as vLLM adds the child index."""
+    state = np.random.SeedSequence([zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in key])
+    state = state.generate_state(n, np.uint64)
+    return [int(s >> np.uint64(2)) for s in state]
+
+
+def stop_ids(tok, model) -> list:
+    """Token ids that end a response: the tokenizer's EOS and every EOS of the model's generation_config.json
+    (Qwen2.5-Instruct lists <|im_end|> and <|endoftext|>)."""
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+    return sorted({tok.eos_token_id, *gen_eos} - {None})
+
+
+def _cut_at_stop(ids: list, stop: set) -> tuple:
     for i, t in enumerate(ids):
-        if t in eos_ids:
+        if t in stop:
             return ids[: i + 1], "stop"
     return ids, "length"
 
 
+def sample_tokens(logp, u):
+    """One token per row drawn from exp(logp) [b, V] by inverse CDF with the row's uniform u [b] in [0, 1)."""
+    cdf = logp.exp().cumsum(-1)  # [b, V]
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous())  # [b, 1]: first index with cdf >= u
+    return pick.squeeze(-1).clamp(max=logp.shape[-1] - 1)
+
+
 class HFSampler:
-    """transformers `generate` on the policy itself: always available, exact behaviour log-probs from its scores."""
+    """A plain decode loop on the policy (its own forward and KV cache), not `generate()`: generate() fills every
+    option the caller leaves unset from the model's generation_config.json (Qwen2.5-Instruct: repetition_penalty,
+    top_p 0.8, top_k 20), so it samples from a reshaped distribution whose log-probs are not the policy's. Here
+    each token is drawn from exactly softmax(logits / T) with the prompt's own random stream, and only the sampled
+    token's log-prob (and the top-K when asked) is kept, so memory does not grow with the response length beyond
+    the KV cache. `replica`: under FSDP, a full copy of the weights that push_weights refreshes (as vLLM keeps
+    its own), so that decoding needs no collective per token."""
 
     name = "hf"
 
-    def __init__(self, tok, max_batch: int = 512):
-        self.tok, self.max_batch = tok, max_batch
+    def __init__(self, tok, stop: list, dtype=torch.float32, max_batch: int = 256, replica=None):
+        self.tok, self.stop, self.dtype, self.max_batch, self.replica = tok, stop, dtype, max_batch, replica
 
-    def push_weights(self, model):  # generate() runs on the live policy: nothing to push
-        pass
+    def push_weights(self, model):
+        if self.replica is not None:  # FSDP: gather the shards into the replica, one tensor at a time
+            own = self.replica.state_dict()
+            for name, full in full_tensors(model):
+                own[name].copy_(full)
 
     @torch.no_grad()
     def generate(self, model, prompt_ids: list, n: int, max_new_tokens: int, temperature: float = 1.0,
-                 seed: int = 0, topk: int = 0) -> Samples:
-        from transformers import GenerationConfig
-
-        greedy = temperature == 0
-        cfg = GenerationConfig(do_sample=not greedy, temperature=None if greedy else temperature,
-                               top_k=None if greedy else 0, top_p=None if greedy else 1.0,
-                               max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
-                               eos_token_id=self.tok.eos_token_id, bos_token_id=self.tok.bos_token_id,
-                               return_dict_in_generate=True, output_scores=True)
-        flat = [p for p in prompt_ids for _ in range(n)]
+                 seeds: list = None, topk: int = 0) -> Samples:
+        model = self.replica if self.replica is not None else model
+        seeds = stream_seeds((0,), len(prompt_ids)) if seeds is None else seeds
+        rows = [(p, s, j) for p, s in zip(prompt_ids, seeds) for j in range(n)]  # child j of a prompt: stream (s, j)
         out = Samples([], [], [], [], [] if topk else None, [] if topk else None)
-        torch.manual_seed(seed)  # sampling seed derived by the caller from (seed, step)
-        for s in range(0, len(flat), self.max_batch):
-            self._generate_chunk(model, flat[s: s + self.max_batch], cfg, topk, out)
+        device = next(model.parameters()).device
+        with autocast(device, self.dtype):
+            for c in range(0, len(rows), self.max_batch):
+                chunk = rows[c: c + self.max_batch]
+                u = np.stack([np.random.default_rng([s, j]).random(max_new_tokens) for _, s, j in chunk])  # [b, T]
+                self._decode(model, [p for p, _, _ in chunk], torch.tensor(u, dtype=torch.float32, device=device),
+                             temperature, topk, out)
         return out
 
-    def _generate_chunk(self, model, prompts: list, cfg, topk: int, out: Samples):
-        device = next(model.parameters()).device
-        width = max(map(len, prompts))
-        ids = torch.tensor([[self.tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        gen = model.generate(input_ids=ids, attention_mask=attn, generation_config=cfg,
-                             past_key_values=self._shared_prefill(model, prompts, ids, attn))
-        resp = gen.sequences[:, width:]  # [b, T]
-        steps = [torch.log_softmax(s.float(), -1) for s in gen.scores]  # T x [b, V]: processed scores
-        logp = torch.stack([lp.gather(-1, resp[:, t: t + 1]).squeeze(-1) for t, lp in enumerate(steps)], 1)
+    def _decode(self, model, prompts: list, u, temperature: float, topk: int, out: Samples):
+        b, width, device = len(prompts), max(map(len, prompts)), u.device
+        pad = self.tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # [b, Tp] left-padded
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)  # [b, Tp]
+        cache = self._prefill(model, ids[:, :-1], attn[:, :-1])  # every prompt token but the last
+        x, stop = ids[:, -1:], torch.tensor(self.stop, device=device)  # [b, 1]: the next token to feed
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        toks, lps, tks = [], [], []
+        for t in range(u.shape[1]):
+            res = model(input_ids=x, attention_mask=attn, position_ids=attn.sum(-1, keepdim=True) - 1,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = res.past_key_values
+            logp = torch.log_softmax(res.logits[:, -1].float() / (temperature or 1.0), -1)  # [b, V] pi at T
+            y = logp.argmax(-1) if temperature == 0 else sample_tokens(logp, u[:, t])  # [b]
+            y = torch.where(done, pad, y)  # finished rows feed padding
+            toks.append(y)
+            lps.append(logp.gather(-1, y[:, None]).squeeze(-1))  # [b] behaviour log-prob of the sampled token
+            if topk:
+                tks.append(logp.topk(topk, -1))
+            done = done | torch.isin(y, stop)
+            attn, x = torch.cat([attn, attn.new_ones(b, 1)], 1), y[:, None]
+            if done.all():
+                break
+        resp, logp = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()  # [b, t]
         if topk:
-            tk = [lp.topk(topk, -1) for lp in steps]
-            tk_ids, tk_lp = torch.stack([t.indices for t in tk], 1), torch.stack([t.values for t in tk], 1)
-        eos = {self.tok.eos_token_id}
+            tk_ids, tk_lp = torch.stack([k.indices for k in tks], 1).tolist(), torch.stack([k.values for k in tks], 1).tolist()
         for i, p in enumerate(prompts):
-            r, why = _cut_at_eos(resp[i].tolist(), eos)
+            r, why = _cut_at_stop(resp[i], set(self.stop))
             out.prompt_ids.append(p)
             out.response_ids.append(r)
-            out.logp.append(logp[i, : len(r)].tolist())
+            out.logp.append(logp[i][: len(r)])
             out.finish.append(why)
             if topk:
-                out.topk_ids.append(tk_ids[i, : len(r)].tolist())
-                out.topk_logp.append(tk_lp[i, : len(r)].tolist())
+                out.topk_ids.append(tk_ids[i][: len(r)])
+                out.topk_logp.append(tk_lp[i][: len(r)])
 
     @staticmethod
-    def _shared_prefill(model, prompts: list, ids, attn):
-        """The n copies of a prompt share one prefill: a KV cache of all but the last prompt token, computed once per
-        distinct prompt and copied to each row (generate() then runs only the last prompt token per row). Same
-        tokens, same random draws as without it; None when no prompt repeats."""
-        first = {}  # distinct prompt -> its first row
-        for i, p in enumerate(prompts):
-            first.setdefault(tuple(p), i)
-        if len(first) == len(prompts) or ids.shape[1] < 2:
+    def _prefill(model, ids, attn):
+        """The KV cache of `ids` [b, W]. The n copies of a prompt share one prefill: each distinct row is computed
+        once and its cache copied to its rows. None when W = 0 (one-token prompts)."""
+        if ids.shape[1] == 0:
             return None
-        slot = {p: j for j, p in enumerate(first)}
-        rows = torch.tensor(list(first.values()), device=ids.device)  # [U]
-        inv = torch.tensor([slot[tuple(p)] for p in prompts], device=ids.device)  # [b]: row -> distinct prompt
-        u_ids, u_attn = ids[rows, :-1], attn[rows, :-1]  # [U, width-1]
+        uniq, inv = torch.unique(torch.cat([ids, attn], 1), dim=0, return_inverse=True)  # [U, 2W], [b]
+        u_ids, u_attn = uniq[:, : ids.shape[1]], uniq[:, ids.shape[1]:]
         cache = model(input_ids=u_ids, attention_mask=u_attn, position_ids=(u_attn.cumsum(-1) - 1).clamp(min=0),
                       use_cache=True, logits_to_keep=1).past_key_values
-        cache.batch_select_indices(inv)  # [U, ...] -> [b, ...]
-        return cache
+        if _plain_kv_cache(cache):
+            cache.batch_select_indices(inv)  # [U, ...] -> [b, ...]
+            return cache
+        return model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                     use_cache=True, logits_to_keep=1).past_key_values
 
 
 class VLLMSampler:
-    """vLLM in the trainer's process (vllm_cpu.md, ecosystem.md §A). The engine keeps its own copy of the weights:
-    call push_weights(model) after every optimizer step. Log-probs are "processed": those of the distribution
-    actually sampled (temperature applied), so they are the behaviour policy's."""
+    """vLLM in the trainer's process. The engine keeps its own copy of the weights, in the compute dtype: call
+    push_weights(model) after every optimizer step. Log-probs are "processed": those of the distribution actually
+    sampled (temperature applied, every other processor off), so they are the behaviour policy's.
+    Under torchrun every rank runs its own engine with vLLM's `external_launcher` backend (as TRL's colocate mode
+    does): it joins the trainer's process group and takes LOCAL_RANK as its device. Without it, every rank's engine
+    would pick cuda:0, since an in-process engine reads its device from its own config, not from LOCAL_RANK."""
 
     name = "vllm"
 
-    def __init__(self, model_path: str, tok, max_model_len: int, dtype: torch.dtype, seed: int = 0,
+    def __init__(self, model_path: str, tok, stop: list, max_model_len: int, dtype: torch.dtype,
                  gpu_memory_utilization: float = 0.3):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process, so weights can be pushed
         from vllm import LLM
 
         rng_state = (torch.get_rng_state(), np.random.get_state())  # vLLM reseeds the global RNGs at build
-        threads = torch.get_num_threads()  # ...and on CPU drops the trainer to one thread (vllm_cpu.md trap 5)
-        kw = dict(gpu_memory_utilization=gpu_memory_utilization) if torch.cuda.is_available() else dict(
-            kv_cache_memory_bytes=256 * 2**20)
-        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=str(dtype).replace("torch.", ""), seed=seed,
+        if torch.cuda.is_available():
+            kw = dict(gpu_memory_utilization=gpu_memory_utilization)
+        else:  # CPU: a fixed KV cache, and whole-prompt prefills. A prefill split into chunks makes vLLM rewind the
+            # request's seeded generator, which the CPU generator cannot do ("CPU Generator does not use offset")
+            kw = dict(kv_cache_memory_bytes=512 * 2**20, enable_chunked_prefill=False,
+                      max_num_batched_tokens=max(max_model_len, 8192))
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            kw["distributed_executor_backend"] = "external_launcher"
+        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=str(dtype).replace("torch.", ""), seed=0,
                        max_model_len=max_model_len, enforce_eager=not torch.cuda.is_available(),
                        logprobs_mode="processed_logprobs", enable_prefix_caching=False, **kw)
         torch.set_rng_state(rng_state[0])
         np.random.set_state(rng_state[1])
-        torch.set_num_threads(threads)
-        self.tok = tok
+        self.stop, self.dtype = stop, dtype
 
     def push_weights(self, model):
-        """The public reload RPC (vllm_cpu.md trap 4: the deep model_runner path fails on CPU)."""
-        weights = [(k, v.detach()) for k, v in model.state_dict().items()]
+        """The public reload RPC, fed one tensor at a time in the engine's dtype (under FSDP each is gathered first)."""
+        weights = ((name, t.to(self.dtype)) for name, t in full_tensors(model))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
     def generate(self, model, prompt_ids: list, n: int, max_new_tokens: int, temperature: float = 1.0,
-                 seed: int = 0, topk: int = 0) -> Samples:
+                 seeds: list = None, topk: int = 0) -> Samples:
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
-                                logprobs=topk, seed=seed, detokenize=False, skip_special_tokens=False)
+        seeds = stream_seeds((0,), len(prompt_ids)) if seeds is None else seeds
+        params = [SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                                 max_tokens=max_new_tokens, logprobs=topk, seed=s, stop_token_ids=self.stop,
+                                 detokenize=False, skip_special_tokens=False) for s in seeds]  # child j: seed s + j
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
         res = Samples([], [], [], [], [] if topk else None, [] if topk else None)
-        eos = {self.tok.eos_token_id}
         for p, o in zip(prompt_ids, outs):
             for c in sorted(o.outputs, key=lambda c: c.index):
-                ids, why = _cut_at_eos(list(c.token_ids), eos)
+                ids, why = _cut_at_stop(list(c.token_ids), set(self.stop))
                 res.prompt_ids.append(p)
                 res.response_ids.append(ids)
                 res.finish.append(why)
@@ -516,18 +590,23 @@ class VLLMSampler:
         return res
 
 
-def make_sampler(backend: str, model_path: str, tok, max_model_len: int, dtype, seed: int = 0):
-    """`auto` picks vLLM when it imports, HF generate otherwise."""
+def make_sampler(backend: str, model_path: str, tok, stop: list, max_model_len: int, dtype, device,
+                 gpu_memory_utilization: float = 0.3, replicate=None):
+    """`auto`: vLLM on CUDA when it imports, else the decode loop (faster for the tiny model on a CPU).
+    `replicate`: the model, before FSDP shards it: the decode loop then keeps a full copy in `dtype` to sample with."""
     if backend == "auto":
-        try:
-            import vllm  # noqa: F401
-            backend = "vllm"
-        except ImportError:
-            backend = "hf"
+        backend = "hf"
+        if device.type == "cuda":
+            try:
+                import vllm  # noqa: F401
+                backend = "vllm"
+            except ImportError:
+                pass
     if backend == "vllm":
-        return VLLMSampler(model_path, tok, max_model_len, dtype, seed)
+        return VLLMSampler(model_path, tok, stop, max_model_len, dtype, gpu_memory_utilization)
     if backend == "hf":
-        return HFSampler(tok)
+        replica = None if replicate is None else copy.deepcopy(replicate).to(dtype).requires_grad_(False).eval()
+        return HFSampler(tok, stop, dtype, replica=replica)
     raise ValueError(f"--backend must be hf, vllm or auto, not {backend!r}")
 
 
@@ -602,32 +681,50 @@ def _plain_kv_cache(cache) -> bool:
     return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
 
 
+@contextlib.contextmanager
+def final_hidden_states(model):
+    """Collects the decoder's output (the last hidden state, after the final norm) of each forward in the block.
+    `output_hidden_states=True` would keep every layer's [B, T, H] alive (25 of them at 0.5B) to use only one."""
+    got = []
+    hook = getattr(model, "module", model).get_decoder().register_forward_hook(lambda m, a, out: got.append(out[0]))
+    try:
+        yield got
+    finally:
+        hook.remove()
+
+
 def response_hidden(model, input_ids, attention_mask, n_response: int, share_prompts: bool = True):
-    """Final (normed) hidden states at the positions that predict the response tokens: [B, T, H]. Runs the forward
-    through `model` itself (DDP-wrapped or not) and keeps the logits of one position only. Rows with the same prompt
-    (a GRPO group) share one prompt forward: its keys/values are copied to every row of the group and gradients flow
-    back through the copy, so each prompt is computed once per group, not G times (README, benchmark 3)."""
+    """Final (normed) hidden states at the positions that predict the response tokens: [B, T, H]. Runs through
+    `model` itself (DDP/FSDP-wrapped or not) and keeps the logits of one position only.
+    Rows with the same prompt (a GRPO group) share one prompt forward: pass 1 runs each distinct prompt, minus its
+    last token, once; its keys/values are copied to every row of the group (gradients flow back through the copy);
+    pass 2 runs the last prompt token and the response on top. Always two calls, whether or not prompts repeat, so
+    that every rank of a DDP run issues the same collectives. One plain forward instead under gradient
+    checkpointing (HF then returns no cache) and under FSDP2 (gradients that reach pass 1 through the copied
+    keys/values bypass the layer's backward hooks, which would find its weights resharded)."""
+    if input_ids.shape[1] - n_response < 2:  # pass 1 needs a prompt column: add one of padding
+        input_ids, attention_mask = (torch.nn.functional.pad(x, (1, 0)) for x in (input_ids, attention_mask))
     Tp = input_ids.shape[1] - n_response  # prompt width (left-padded)
-    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, Tp+T]  as generate() does with left padding
-    uniq, inv = torch.unique(torch.cat([input_ids[:, :Tp], attention_mask[:, :Tp]], 1), dim=0, return_inverse=True)
-    if share_prompts and len(uniq) < len(input_ids):
-        p_ids, p_mask = uniq[:, :Tp], uniq[:, Tp:]  # [U, Tp]: the distinct prompts
-        first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                      output_hidden_states=True, logits_to_keep=1, use_cache=True)
-        h = first.hidden_states[-1][:, -1:].index_select(0, inv)  # [B, 1, H]: predicts response token 0
-        cache = first.past_key_values  # None if the model refuses one (HF gradient checkpointing): plain forward
-        if n_response == 1:
-            return h
-        if _plain_kv_cache(cache):
-            for layer in cache.layers:  # keys/values [U, heads, Tp, d] -> [B, ...]; autograd sums the copies' grads
-                layer.keys, layer.values = layer.keys.index_select(0, inv), layer.values.index_select(0, inv)
-            rest = model(input_ids=input_ids[:, Tp:-1], attention_mask=attention_mask[:, :-1],
-                         position_ids=pos[:, Tp:-1], past_key_values=cache, output_hidden_states=True,
-                         logits_to_keep=1, use_cache=True)
-            return torch.cat([h, rest.hidden_states[-1]], 1)  # [B, T, H]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,  # one plain forward
-                output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    return out.hidden_states[-1][:, Tp - 1: -1]  # [B, T, H]
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, Tp+T]  as the sampler does with left padding
+    from torch.distributed.fsdp import FSDPModule
+
+    share_prompts = share_prompts and not (isinstance(model, FSDPModule) or getattr(model, "is_gradient_checkpointing", False))
+    with final_hidden_states(model) as got:
+        if share_prompts:
+            key = torch.cat([input_ids[:, : Tp - 1], attention_mask[:, : Tp - 1]], 1)  # [B, 2(Tp-1)]
+            uniq, inv = torch.unique(key, dim=0, return_inverse=True)  # [U, 2(Tp-1)], [B]
+            p_ids, p_mask = uniq[:, : Tp - 1], uniq[:, Tp - 1:]  # [U, Tp-1]: the distinct prompt prefixes
+            cache = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
+                          logits_to_keep=1, use_cache=True).past_key_values
+            if _plain_kv_cache(cache):
+                for layer in cache.layers:  # keys/values [U, heads, Tp-1, d] -> [B, ...]; autograd sums the copies
+                    layer.keys, layer.values = layer.keys.index_select(0, inv), layer.values.index_select(0, inv)
+                got.clear()
+                model(input_ids=input_ids[:, Tp - 1: -1], attention_mask=attention_mask[:, :-1],
+                      position_ids=pos[:, Tp - 1: -1], past_key_values=cache, logits_to_keep=1, use_cache=True)
+                return got[-1]  # [B, T, H]
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=1, use_cache=False)
+        return got[-1][:, Tp - 1: -1]  # [B, T, H]
 
 
 def output_weight(model):
@@ -638,14 +735,17 @@ def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int
                    extra_ids=None) -> dict:
     """log pi(y_t) of every response token ([B, T], 0 where mask is 0), optionally the entropy of pi at each token
     and log pi of `extra_ids` ([B, T, K], e.g. the behaviour policy's top-K). Only masked response positions are
-    projected to the vocabulary, `chunk_size` rows at a time, each chunk recomputed in backward (_ChunkLogprobs)."""
+    projected to the vocabulary, `chunk_size` rows at a time, each chunk recomputed in backward (_ChunkLogprobs).
+    Under autocast the projection runs in the autocast dtype, as the model's own lm_head would."""
     mask = batch["mask"]  # [B, T]
     B, T = mask.shape
     h = response_hidden(model, batch["input_ids"], batch["attention_mask"], T)  # [B, T, H]
     rows = mask.reshape(-1).nonzero().squeeze(-1)  # [N] flat indices of real response tokens
     h_sel, tgt = h.reshape(B * T, -1).index_select(0, rows), batch["response_ids"].reshape(-1)[rows]  # [N, H], [N]
     ext = extra_ids.reshape(B * T, -1)[rows] if extra_ids is not None else tgt.new_zeros((len(rows), 0))  # [N, K]
-    weight = output_weight(model)
+    weight = output_weight(model)  # [V, H]
+    if torch.is_autocast_enabled(h.device.type):  # cast once here, not once per chunk
+        weight, h_sel = weight.to(torch.get_autocast_dtype(h.device.type)), h_sel.to(torch.get_autocast_dtype(h.device.type))
     parts = [_ChunkLogprobs.apply(h_sel[s: s + chunk_size], weight, tgt[s: s + chunk_size], ext[s: s + chunk_size],
                                   temperature, with_entropy) for s in range(0, len(rows), chunk_size)]
 
@@ -660,6 +760,16 @@ def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int
     if extra_ids is not None:
         out["extra_logp"] = scatter(2, (B, T, extra_ids.shape[-1]))  # [B, T, K]
     return out
+
+
+@torch.no_grad()
+def token_logprobs_nograd(model, batch: dict, micro_batch_size: int = 0, **kw) -> dict:
+    """token_logprobs without gradients, `micro_batch_size` rows at a time (0 = all): the reference, proxy and
+    p_old passes stay within the same memory as a training micro-batch."""
+    B = batch["mask"].shape[0]
+    mb = micro_batch_size or B
+    parts = [token_logprobs(model, {k: v[s: s + mb] for k, v in batch.items()}, **kw) for s in range(0, B, mb)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def masked_mean(x, mask):
@@ -679,33 +789,39 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def pass_ks(n: int) -> list:
+    """The k reported from n samples per prompt: 1, 8 and 16 where n allows, and n itself."""
+    return sorted({k for k in (1, 8, 16) if k <= n} | {n})
+
+
 def decode(tok, ids: list) -> list:
     return tok.batch_decode(ids, skip_special_tokens=True)
 
 
-def evaluate(model, tok, sampler, examples: list, n: int = 16, ks=(1, 8, 16), max_new_tokens: int = 8,
-             temperature: float = 1.0, seed: int = 0) -> dict:
-    """Greedy accuracy, pass@k from n samples per prompt (temperature 1), and mean sampled response length."""
+def evaluate(model, tok, sampler, examples: list, n: int = 16, max_new_tokens: int = 8, temperature: float = 1.0,
+             seeds: list = None) -> dict:
+    """Greedy accuracy, pass@k (k in pass_ks(n)) from n samples per prompt at `temperature`, mean response length.
+    `seeds`: one per prompt (stream_seeds), so that a prompt's samples do not depend on the rank that evaluates it."""
     prompts = encode_prompts(tok, examples)
-    greedy = sampler.generate(model, prompts, 1, max_new_tokens, temperature=0.0, seed=seed)
+    greedy = sampler.generate(model, prompts, 1, max_new_tokens, temperature=0.0)
     acc = np.mean([score(e, c) for e, c in zip(examples, decode(tok, greedy.response_ids))])
-    samp = sampler.generate(model, prompts, n, max_new_tokens, temperature=temperature, seed=seed + 1)
+    samp = sampler.generate(model, prompts, n, max_new_tokens, temperature=temperature, seeds=seeds)
     rewards = np.array([score(e, c) for e, c in zip([e for e in examples for _ in range(n)],
                                                     decode(tok, samp.response_ids))]).reshape(len(examples), n)
     res = {"eval/greedy_acc": float(acc), "eval/response_len": float(np.mean([len(r) for r in samp.response_ids]))}
-    for k in ks:
+    for k in pass_ks(n):
         res[f"eval/pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in rewards.sum(1)]))
     return res
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Run plumbing: seeds, distributed, checkpoints, metrics
+# Precision and several ranks: autocast, DDP / FSDP2, full state dicts
 # ---------------------------------------------------------------------------------------------------------------
-def seed_everything(seed: int):
-    import random
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Compute in `dtype` (bf16 matmuls) while the weights, their gradients and the AdamW state stay float32: at
+    lr 1e-6 most AdamW updates are below bf16's resolution, so bf16 weights would barely move. Wrap forwards (and
+    their backward) only, never an optimizer step: autocast caches its bf16 copies of the weights per block."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def init_distributed(device: torch.device):
@@ -717,6 +833,89 @@ def init_distributed(device: torch.device):
     return torch.distributed.get_rank(), world
 
 
+def all_ranks_sum(x):
+    """Sum of a tensor over all ranks, on x's device (a copy of x on one process)."""
+    if not torch.distributed.is_initialized():
+        return x.clone()
+    y = x.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu", copy=True)
+    torch.distributed.all_reduce(y)
+    return y.to(x.device)
+
+
+def all_ranks_mean(values: dict, weight: float = 1.0) -> dict:
+    """Weighted mean over ranks of a dict of floats (unchanged on one process)."""
+    t = all_ranks_sum(torch.tensor([weight] + [weight * v for v in values.values()], dtype=torch.float64))
+    return dict(zip(values, (t[1:] / t[0]).tolist()))
+
+
+def wrap_policy(model, world: int, fsdp: bool, dtype: torch.dtype):
+    """The module the update runs its forward/backward through. One process: the model. torchrun: DDP (every rank
+    holds all weights; gradients are averaged), or with `fsdp` FSDP2: each decoder layer, then the whole model, is
+    sharded over the ranks (weights, gradients and AdamW state 1/world each), computing in `dtype` and averaging
+    gradients in float32. Build the optimizer after this: FSDP2 replaces the parameters by their shards."""
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if world == 1:
+            raise SystemExit("--fsdp shards the model over the ranks of a torchrun job: run it under torchrun")
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in model.get_decoder().layers:
+            fully_shard(layer, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
+    return torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+
+def full_tensors(model):
+    """(name, full tensor) for every entry of the state dict, one at a time: FSDP2 shards (DTensor) are gathered,
+    so every rank must iterate this together; plain tensors come as they are."""
+    for name, t in model.state_dict().items():
+        yield name, t.full_tensor() if hasattr(t, "full_tensor") else t.detach()
+
+
+def full_state(model, optimizer=None) -> dict:
+    """Full (unsharded) float32 weights, and the optimizer state if given, on rank 0's CPU; {} elsewhere (FSDP2
+    shards are gathered: every rank must call this together)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = {"model": get_model_state_dict(model, options=opts)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=opts)
+    return state
+
+
+def finite_weights(model) -> bool:
+    """Whether every weight is finite, on every rank (each checks its own shard under FSDP2)."""
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+    return all_ranks_sum(torch.tensor(bad)).item() == 0
+
+
+def load_full_state(model, optimizer, state: dict):
+    """The inverse of full_state, on every rank (each keeps its own shard under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=opts)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+
+
+def save_final(model, tok, path, weights: dict, dtype: torch.dtype):
+    """The trained model in HF format, from the full float32 `weights`, in the dtype it was loaded from (bf16 for
+    Qwen); a tied output embedding is stored once, as the hub's checkpoints do."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False):
+        weights = {k: v for k, v in weights.items()
+                   if not any(k == f"{n}.weight" for n, m in model.named_modules() if m is head)}
+    model.save_pretrained(path, state_dict={k: v.to(dtype) for k, v in weights.items()})
+    config_dtype, model.config.dtype = model.config.dtype, dtype  # save_pretrained wrote the master weights' dtype
+    model.config.save_pretrained(path)
+    model.config.dtype = config_dtype
+    tok.save_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run plumbing: checkpoints, metrics, timing
+# ---------------------------------------------------------------------------------------------------------------
 def save_checkpoint(path, state: dict):
     """Atomic: write a temp file, then rename over the old checkpoint (a crash never leaves half a file)."""
     path = Path(path)
@@ -754,6 +953,3 @@ class Timer:
         yield
         self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t
 
-
-def isfinite(x) -> bool:
-    return bool(torch.isfinite(x).all()) if torch.is_tensor(x) else math.isfinite(x)

@@ -10,6 +10,7 @@ Group Relative Policy Optimization (Shao et al. 2024, arXiv 2402.03300), as most
 CPU, embedded tiny model, ~2 minutes:  python grpo.py
 GPU (pip install vllm):                python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k
 Several GPUs, data parallel:           torchrun --nproc_per_node 8 grpo.py --model ... --task gsm8k
+A model too big for one GPU (FSDP2):   torchrun --nproc_per_node 8 grpo.py --model ... --fsdp true
 """
 import contextlib
 import copy
@@ -22,10 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (Timer, append_metrics, collate, decode, drop_long_prompts, encode_prompts, evaluate,
-                    init_distributed, load_model_and_tokenizer, load_task, make_sampler, masked_mean,
-                    parse_task_name, pick_device, pick_dtype, resolve_model_path, save_checkpoint, score,
-                    token_logprobs, truncate_metrics)
+from common import (Timer, all_ranks_mean, all_ranks_sum, append_metrics, autocast, collate, decode,
+                    drop_long_prompts, encode_prompts, evaluate, finite_weights, full_state, init_distributed,
+                    load_full_state, load_model_and_tokenizer, load_task, make_sampler, masked_mean, parse_task_name,
+                    pick_device, pick_dtype, resolve_model_path, save_checkpoint, save_final, score, stop_ids,
+                    stream_seeds, token_logprobs, token_logprobs_nograd, truncate_metrics, wrap_policy)
 
 
 @dataclass
@@ -33,10 +35,14 @@ class Args:
     model: str = "tiny"  # "tiny" (embedded default, built on first use), a Hugging Face id, or a local folder
     task: str = "countdown"  # countdown[:n numbers], arithmetic[:digits], gsm8k, math500, or a .jsonl path
     backend: str = "auto"  # sampler: hf | vllm | auto (vLLM when it imports and the device is CUDA)
+    vllm_gpu_memory: float = 0.3  # share of the GPU's memory vLLM may take beside the trainer
     output_dir: str = "runs/grpo"  # metrics.jsonl, checkpoint.pt and final/ go here
-    seed: int = 0  # seeds python/numpy/torch; sampling seeds derive from (seed, step)
+    seed: int = 0  # seeds python/numpy/torch; sampling seeds derive from (seed, step, prompt)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # compute dtype: auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16. The weights
+    #                      and AdamW state are float32 in every case (bf16 runs under autocast)
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2), not DDP
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less activation memory
     resume: bool = False  # continue from <output_dir>/checkpoint.pt
     max_steps: int = 200  # RL steps (one rollout batch each)
     prompts_per_step: int = 32  # P: prompts per step, over all ranks
@@ -49,7 +55,7 @@ class Args:
     max_grad_norm: float = 1.0  # gradient-norm clipping
     epochs: int = 1  # passes over each rollout batch
     mini_batches: int = 1  # optimizer steps per pass (epochs * mini_batches steps per rollout batch)
-    micro_batch_size: int = 0  # sequences per forward/backward (gradient accumulation); 0 = whole mini-batch
+    micro_batch_size: int = 0  # sequences per forward (gradient accumulation; reference pass too); 0 = all
     eps_low: float = 0.2  # PPO clip: ratio >= 1 - eps_low
     eps_high: float = 0.2  # PPO clip: ratio <= 1 + eps_high (DAPO's clip-higher uses 0.28)
     beta: float = 0.0  # k3 KL to the initial policy; 0 loads no reference model
@@ -58,7 +64,7 @@ class Args:
     logprob_chunk: int = 256  # response tokens projected to the vocabulary at a time (memory: bench/logprob_memory.py)
     eval_every: int = 10  # steps between evaluations on held-out prompts (0 = only at the end)
     eval_prompts: int = 128  # held-out prompts per evaluation
-    eval_samples: int = 16  # samples per held-out prompt for pass@1/8/16
+    eval_samples: int = 16  # samples per held-out prompt: pass@k for k in 1, 8, 16 (where <= n) and n
     log_examples_every: int = 25  # print a few completions every N steps (0 = never)
     save_every: int = 25  # checkpoint every N steps (also at the end and on Ctrl-C)
 
@@ -105,10 +111,12 @@ def policy_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2, agg="token
     return aggregate(token_loss, mask, agg, max_len), stats
 
 
-def micro_weight(mask_micro, mask_mini, agg: str) -> float:
-    """Share of a micro-batch in its mini-batch loss, so that accumulated gradients equal the whole-batch one."""
+def micro_weight(mask_micro, mask_mini, agg: str, n_tokens=None) -> float:
+    """Share of a micro-batch in its mini-batch loss, so that accumulated gradients equal the whole-batch one.
+    n_tokens: the mini-batch's token count averaged over ranks (default: this mini-batch's). DDP and FSDP average
+    the ranks' gradients, so dividing by it makes the result the token-mean over every rank's tokens."""
     if agg == "token-mean":
-        return (mask_micro.sum() / mask_mini.sum().clamp(min=1)).item()
+        return (mask_micro.sum() / (mask_mini.sum() if n_tokens is None else n_tokens).clamp(min=1)).item()
     return mask_micro.shape[0] / mask_mini.shape[0]
 
 
@@ -126,7 +134,7 @@ def main(args: Args):
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    dtype = pick_dtype(args.dtype, device)
+    dtype = pick_dtype(args.dtype, device)  # compute dtype; weights and AdamW state stay float32
     torch.manual_seed(args.seed)
     builtin = parse_task_name(args.task)[1] is not None
     max_new = args.max_new_tokens or (12 if builtin else 512)
@@ -134,22 +142,28 @@ def main(args: Args):
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must divide by the {world} ranks")
     n_prompts = args.prompts_per_step // world  # this rank's share; a group never spans ranks
+    mine = slice(rank * n_prompts, (rank + 1) * n_prompts)  # this rank's prompts of the step's P
     out_dir, main_rank = Path(args.output_dir), rank == 0
 
     # ---- data and model ----
     path = resolve_model_path(args.model, args.task)
-    model, tok = load_model_and_tokenizer(path, device, dtype)
+    model, tok, stored_dtype = load_model_and_tokenizer(path, device)  # float32 master weights
     train, test = load_task(args.task)
     max_prompt = min(args.max_prompt_len, getattr(model.config, "max_position_embeddings", 10**9) - max_new)
-    train = drop_long_prompts(tok, train, max_prompt, "training")  # prompt + response must fit the context
-    test = drop_long_prompts(tok, test, max_prompt, "test")[: args.eval_prompts]
+    train = drop_long_prompts(tok, train, max_prompt, "training", args.prompts_per_step)  # prompt + response fit
+    test = drop_long_prompts(tok, test, max_prompt, "test", world)[: args.eval_prompts]
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
+    sampler = make_sampler(args.backend, path, tok, stop_ids(tok, model), max_prompt + max_new, dtype, device,
+                           args.vllm_gpu_memory, replicate=model if args.fsdp else None)
+    policy = wrap_policy(model, world, args.fsdp, dtype)  # the model itself, DDP, or FSDP2 (then model is sharded)
+    ref_model = wrap_policy(ref_model, world, True, dtype) if args.fsdp and ref_model is not None else ref_model
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     start = 0
     if args.resume and (out_dir / "checkpoint.pt").exists():
-        ckpt = torch.load(out_dir / "checkpoint.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)
+        load_full_state(model, optimizer, ckpt)
         start = ckpt["step"]
         if main_rank:
             truncate_metrics(out_dir / "metrics.jsonl", start)
@@ -158,38 +172,40 @@ def main(args: Args):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.jsonl").write_text("")
         append_metrics(out_dir / "metrics.jsonl", {"args": asdict(args), "lr": lr, "max_new_tokens": max_new})
-    backend = args.backend if args.backend != "auto" or device.type == "cuda" else "hf"  # HF is faster on CPU
-    sampler = make_sampler(backend, path, tok, max_prompt + max_new, dtype, args.seed + rank)
     sampler.push_weights(model)
-    policy = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     def checkpoint(step):
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
+        if not finite_weights(model):
             raise SystemExit(f"step {step}: non-finite weights; stopping without overwriting the last good checkpoint "
                              f"{out_dir / 'checkpoint.pt'}")
+        state = full_state(model, optimizer)  # float32, gathered from the shards under FSDP
         if main_rank:
-            save_checkpoint(out_dir / "checkpoint.pt", {"model": model.state_dict(), "step": step,
-                                                         "optimizer": optimizer.state_dict(), "args": asdict(args)})
+            save_checkpoint(out_dir / "checkpoint.pt", {**state, "step": step, "args": asdict(args)})
 
-    def run_eval(step):
-        res = evaluate(model, tok, sampler, test, n=args.eval_samples, ks=(1, 8, 16), max_new_tokens=max_new,
-                       temperature=args.temperature, seed=args.seed * 7919 + step)
-        tqdm.write(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in res.items()))
+    def run_eval(step):  # every rank evaluates its share of the held-out prompts
+        seeds = stream_seeds((args.seed, "eval", step), len(test))[rank::world]
+        res = evaluate(model, tok, sampler, test[rank::world], args.eval_samples, max_new, args.temperature, seeds)
+        res = all_ranks_mean(res, weight=len(seeds))
+        if main_rank:
+            tqdm.write(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in res.items()))
         return res
 
-    if main_rank and start == 0 and args.eval_every:
-        append_metrics(out_dir / "metrics.jsonl", {"step": 0, **run_eval(0)})
+    if start == 0 and args.eval_every:
+        res = run_eval(0)
+        if main_rank:
+            append_metrics(out_dir / "metrics.jsonl", {"step": 0, **res})
     stop = []  # Ctrl-C: finish the current step, save, exit (a second Ctrl-C kills)
     signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT, signal.SIG_DFL)))
 
     for step in tqdm(range(start, args.max_steps), disable=not main_rank, initial=start, total=args.max_steps):
         timer = Timer()
-        rng = np.random.default_rng([args.seed, step, rank])
+        rng = np.random.default_rng([args.seed, step])  # the same on every rank: each takes its slice
         # ---- rollout: G samples per prompt from the current policy ----
-        examples = [train[i] for i in rng.choice(len(train), n_prompts, replace=False)]
+        examples = [train[i] for i in rng.choice(len(train), args.prompts_per_step, replace=False)[mine]]
         with timer("sample"):
             samples = sampler.generate(model, encode_prompts(tok, examples), args.group_size, max_new,
-                                       temperature=args.temperature, seed=args.seed * 1_000_003 + step * 101 + rank)
+                                       args.temperature, stream_seeds((args.seed, "rollout", step),
+                                                                      args.prompts_per_step)[mine])
         with timer("score"):
             texts = decode(tok, samples.response_ids)
             per_seq = [e for e in examples for _ in range(args.group_size)]
@@ -198,9 +214,11 @@ def main(args: Args):
 
         # ---- advantage ----
         batch["adv"] = group_advantages(reward, args.group_size, args.scale_std)  # [B]  GRPO Eq. 3
-        with timer("logp"), torch.no_grad():
+        with timer("logp"), autocast(device, dtype):
             if ref_model is not None:
-                batch["ref_logp"] = token_logprobs(ref_model, batch, args.temperature, args.logprob_chunk)["logp"]
+                batch["ref_logp"] = token_logprobs_nograd(ref_model, batch, args.micro_batch_size,
+                                                          temperature=args.temperature,
+                                                          chunk_size=args.logprob_chunk)["logp"]  # [B, T]
 
         # ---- update: epochs x mini-batches of PPO-clip steps ----
         policy.train()
@@ -209,26 +227,24 @@ def main(args: Args):
             for _ in range(args.epochs):
                 for mini_idx in np.array_split(rng.permutation(len(reward)), args.mini_batches):
                     mini = take(batch, torch.as_tensor(mini_idx, device=device))
+                    n_tokens = all_ranks_sum(mini["mask"].sum()) / world  # the token-mean spans every rank
                     mb = args.micro_batch_size or len(mini_idx)
                     for s in range(0, len(mini_idx), mb):
                         micro = take(mini, slice(s, s + mb))
-                        last = s + mb >= len(mini_idx)
-                        with contextlib.nullcontext() if last or world == 1 else policy.no_sync():
+                        sync = s + mb >= len(mini_idx) or world == 1 or args.fsdp  # DDP: all-reduce on the last
+                        with contextlib.nullcontext() if sync else policy.no_sync(), autocast(device, dtype):
                             out = token_logprobs(policy, micro, args.temperature, args.logprob_chunk, with_entropy=True)
                             loss, st = policy_loss(out["logp"], micro["old_logp"], micro["adv"], micro["mask"],
                                                    args.eps_low, args.eps_high, args.agg, max_new,
                                                    micro.get("ref_logp"), args.beta)
-                            if not torch.isfinite(loss):
-                                raise SystemExit(f"step {step}: loss is {loss.item()}; stopping. The last good "
-                                                 f"checkpoint is {out_dir / 'checkpoint.pt'}")
-                            (loss * micro_weight(micro["mask"], mini["mask"], args.agg)).backward()
+                            (loss * micro_weight(micro["mask"], mini["mask"], args.agg, n_tokens)).backward()
                         st["loss/policy"] = loss.item()
                         st["policy/entropy"] = masked_mean(out["entropy"].detach(), micro["mask"]).item()
                         logs.append(st)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    if not torch.isfinite(grad_norm):
-                        raise SystemExit(f"step {step}: gradient norm is {grad_norm.item()}; stopping. The last "
-                                         f"good checkpoint is {out_dir / 'checkpoint.pt'}")
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                    if not np.isfinite(grad_norm):  # a NaN/inf loss ends here too, on every rank at once
+                        raise SystemExit(f"step {step + 1}: gradient norm is {grad_norm} (a non-finite loss or "
+                                         f"gradient); stopping. The last good checkpoint is {out_dir / 'checkpoint.pt'}")
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
         policy.eval()
@@ -240,15 +256,16 @@ def main(args: Args):
         rec.update({"reward/mean": reward.mean().item(), "reward/std": reward.std().item(),
                     "reward/solved_groups": (reward.reshape(-1, args.group_size).amax(-1) > 0).float().mean().item(),
                     "reward/zero_std_groups": (reward.reshape(-1, args.group_size).std(-1) == 0).float().mean().item(),
-                    "response/len": lens.mean().item(), "perf/grad_norm": grad_norm.item(),
+                    "response/len": lens.mean().item(), "perf/grad_norm": grad_norm,
                     "response/truncated": float(np.mean([f == "length" for f in samples.finish]))})
         rec.update({f"perf/{k}_s": v for k, v in timer.s.items()})
-        if world > 1:  # mean over ranks
-            vals = torch.tensor(list(rec.values()), device=device)
-            torch.distributed.all_reduce(vals)
-            rec = dict(zip(rec, (vals / world).tolist()))
+        rec = all_ranks_mean(rec)  # mean over ranks
         rec["step"] = step + 1  # optimizer updates done
-        if main_rank and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+        if world > 1:  # a Ctrl-C seen by any rank stops them all after the same step
+            stop += [1] if all_ranks_sum(torch.tensor(float(len(stop)))).item() and not stop else []
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stop:
+            checkpoint(step + 1)  # before evaluating: a failing evaluation never costs the run
+        if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
             rec.update(run_eval(step + 1))
         if main_rank:
             append_metrics(out_dir / "metrics.jsonl", rec)
@@ -256,20 +273,15 @@ def main(args: Args):
                        f"clip {rec['policy/clipfrac']:.3f} | entropy {rec['policy/entropy']:.3f} | "
                        f"len {rec['response/len']:.1f} | {sum(timer.s.values()):.2f}s")
         if main_rank and args.log_examples_every and step % args.log_examples_every == 0:
-            for e, c, r in list(zip(per_seq, texts, reward.tolist()))[:: args.group_size][:3]:
-                tqdm.write(f"  {e.prompt!r} -> {c!r} reward {r:.0f}")
-        if world > 1:  # a Ctrl-C seen by any rank stops them all after the same step
-            flag = torch.tensor([float(len(stop))], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop += [1] if flag.item() and not stop else []
-        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stop:
-            checkpoint(step + 1)
+            for p, c, r in list(zip(samples.prompt_ids, texts, reward.tolist()))[:: args.group_size][:3]:
+                tqdm.write(f"  {tok.decode(p)!r} -> {c!r} reward {r:.0f}")  # the prompt as the model saw it
         if stop:
             print(f"interrupted: saved {out_dir / 'checkpoint.pt'} at step {step + 1}; continue with --resume")
             break
-    if main_rank and not stop:
-        model.save_pretrained(out_dir / "final")
-        tok.save_pretrained(out_dir / "final")
+    if not stop:
+        weights = full_state(model)["model"]  # gathered on rank 0 under FSDP
+        if main_rank:
+            save_final(model, tok, out_dir / "final", weights, stored_dtype)
     return model
 
 

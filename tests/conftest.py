@@ -28,6 +28,18 @@ def tiny_cache(tmp_path_factory):
         os.environ["RLVR_CACHE"] = old
 
 
+@pytest.fixture(scope="session")
+def standin(tiny_cache):
+    """The Qwen2.5-shaped stand-in (tests/standin.py), built once per session (~5 s) in the session's cache."""
+    import standin as s
+
+    return s.standin_path()
+
+
+def needs_data(name="gsm8k_train.jsonl"):
+    return pytest.mark.skipif(not (common.shared_data_dir() / name).exists(), reason="../shared/data absent")
+
+
 @pytest.fixture
 def tok():
     return common.tiny_tokenizer()

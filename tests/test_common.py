@@ -8,6 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 import common
+from conftest import needs_data
 from common import Example, pass_at_k, score
 
 
@@ -107,6 +108,11 @@ def test_arithmetic_verifier(completion, reward):
     ("18", "\\boxed{19}", 0),
     ("\\frac{1}{2}", "\\boxed{\\frac{1}{3}}", 0),
     ("18", "no answer here", 0),
+    ("72", "I think 72 apples", 0),  # no box: the answer must be in the last \\boxed{} (regression)
+    ("72", "The answer is 72.", 0),
+    ("72", "\\boxed{72", 0),  # unclosed box
+    ("72", "\\boxed{71} or maybe 72", 0),  # the last box counts, nothing after it
+    ("72", "\\boxed{72} apples", 1),
 ])
 def test_math_verifier(gold, completion, reward):
     assert score(Example("math", "", "", gold, ""), completion) == reward
@@ -151,9 +157,9 @@ def test_tiny_tokenizer_roundtrips_through_autotokenizer(tmp_path, tok, rand_mod
 
 def test_missing_model_fails_with_one_sentence():
     with pytest.raises(SystemExit, match="could not load model './no/such/model': no such folder"):
-        common.load_model_and_tokenizer("./no/such/model", torch.device("cpu"), torch.float32)
+        common.load_model_and_tokenizer("./no/such/model", torch.device("cpu"))
     with pytest.raises(SystemExit, match="could not load model 'nobody/no-such-model-xyz'"):
-        common.load_model_and_tokenizer("nobody/no-such-model-xyz", torch.device("cpu"), torch.float32)
+        common.load_model_and_tokenizer("nobody/no-such-model-xyz", torch.device("cpu"))
 
 
 def test_tiny_model_refuses_math_tasks():
@@ -165,15 +171,22 @@ def test_long_prompts_are_dropped_with_warning(tok, capsys):
     ex = [Example("arithmetic", "Q:1+1=? A:", "", "2", "2"), Example("arithmetic", "Q:" + "1+" * 40 + "1=? A:", "", "", "")]
     assert common.drop_long_prompts(tok, ex, 20, "training") == ex[:1]
     assert "skipped 1 of 2 training prompts" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="every test prompt is longer"):
+    with pytest.raises(SystemExit, match="only 0 test prompts fit in 20 tokens"):
         common.drop_long_prompts(tok, ex[1:], 20, "test")
+    with pytest.raises(SystemExit, match="only 1 training prompts fit in 20 tokens .of 2., fewer than the 4 needed"):
+        common.drop_long_prompts(tok, ex, 20, "training", need=4)
 
 
 # ---- log-probs ----------------------------------------------------------------------------------------------
 def _batch(tok, model, n=6, seed=0, temperature=1.0):
     ex = common.load_task("countdown", n_train=10, n_test=5)[0][:3]
-    s = common.HFSampler(tok).generate(model, common.encode_prompts(tok, ex), 2, 10, temperature, seed=seed, topk=4)
+    s = hf_sampler(tok).generate(model, common.encode_prompts(tok, ex), 2, 10, temperature, seeds=[seed, seed + 1, 7],
+                                 topk=4)
     return s, common.collate(s, tok.pad_token_id, "cpu")
+
+
+def hf_sampler(tok):
+    return common.HFSampler(tok, [tok.eos_token_id])
 
 
 def naive_logprobs(model, batch, temperature=1.0):
@@ -220,7 +233,7 @@ def _mixed_prompts(tok):
 
 def _mixed_batch(tok, model, max_new, seed=0):
     """Each of _mixed_prompts sampled 3 times, rows shuffled so that groups are not contiguous."""
-    s = common.HFSampler(tok).generate(model, _mixed_prompts(tok), 3, max_new, seed=seed)
+    s = hf_sampler(tok).generate(model, _mixed_prompts(tok), 3, max_new, seeds=common.stream_seeds((seed,), 4))
     batch = common.collate(s, tok.pad_token_id, "cpu")
     perm = torch.randperm(len(s.response_ids), generator=torch.Generator().manual_seed(seed))
     return {k: v[perm] for k, v in batch.items()}
@@ -238,12 +251,12 @@ def test_shared_prompt_forward_equals_naive(tok, rand_model, max_new):
     g1 = torch.autograd.grad((out["logp"] * batch["old_logp"]).sum(), list(rand_model.parameters()))
     g2 = torch.autograd.grad((ref_logp * batch["old_logp"]).sum(), list(rand_model.parameters()))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
-    calls = []  # the shared path really runs: 4 distinct prompts once, then the B responses on their copied cache
+    calls = []  # the shared path really runs: 4 distinct prompts once (minus their last token), then the B rows
     hook = rand_model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
     h = common.response_hidden(rand_model, batch["input_ids"], batch["attention_mask"], batch["mask"].shape[1])
     hook.remove()
     B, T = batch["mask"].shape
-    assert calls == [(4, batch["input_ids"].shape[1] - T)] + ([(B, T - 1)] if T > 1 else [])
+    assert calls == [(4, batch["input_ids"].shape[1] - T - 1), (B, T)]
     h0 = common.response_hidden(rand_model, batch["input_ids"], batch["attention_mask"], batch["mask"].shape[1],
                                 share_prompts=False)
     m = batch["mask"][..., None]  # [B, T, 1]
@@ -264,9 +277,11 @@ def test_sampler_shared_prefill_changes_nothing(tok, rand_model, monkeypatch):
     """The sampler's once-per-prompt prefill gives the same tokens and log-probs as prefilling every copy."""
     p = _mixed_prompts(tok)
     assert len({len(x) for x in p}) > 1  # left padding is exercised
-    a = common.HFSampler(tok).generate(rand_model, p, 4, 8, seed=2, topk=3)
-    monkeypatch.setattr(common.HFSampler, "_shared_prefill", staticmethod(lambda *_: None))
-    b = common.HFSampler(tok).generate(rand_model, p, 4, 8, seed=2, topk=3)
+    a = hf_sampler(tok).generate(rand_model, p, 4, 8, seeds=[2, 3, 4, 5], topk=3)
+    every_row = lambda model, ids, attn: model(input_ids=ids, attention_mask=attn, use_cache=True,  # noqa: E731
+                                               position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).past_key_values
+    monkeypatch.setattr(common.HFSampler, "_prefill", staticmethod(every_row))
+    b = hf_sampler(tok).generate(rand_model, p, 4, 8, seeds=[2, 3, 4, 5], topk=3)
     assert a.response_ids == b.response_ids and a.topk_ids == b.topk_ids
     assert all(abs(x - y) < 1e-5 for u, v in zip(a.logp, b.logp) for x, y in zip(u, v))
 
@@ -299,22 +314,23 @@ def test_hf_sampler_behaviour_logprobs_match_trainer(tok, rand_model):
 
 def test_sampler_is_seeded(tok, rand_model):
     p = common.encode_prompts(tok, common.load_task("countdown", n_train=10, n_test=5)[0][:2])
-    a = common.HFSampler(tok).generate(rand_model, p, 3, 8, seed=5).response_ids
-    b = common.HFSampler(tok).generate(rand_model, p, 3, 8, seed=5).response_ids
-    c = common.HFSampler(tok).generate(rand_model, p, 3, 8, seed=6).response_ids
+    a = hf_sampler(tok).generate(rand_model, p, 3, 8, seeds=[5, 6]).response_ids
+    b = hf_sampler(tok).generate(rand_model, p, 3, 8, seeds=[5, 6]).response_ids
+    c = hf_sampler(tok).generate(rand_model, p, 3, 8, seeds=[6, 5]).response_ids
     assert a == b and a != c
 
 
 # ---- evaluation, checkpoints --------------------------------------------------------------------------------
 def test_evaluate_reports_greedy_and_pass_at_k(tok, rand_model):
     class Oracle:  # returns the gold solution for every sample: everything must score 1
-        def generate(self, model, prompts, n, max_new_tokens, temperature=1.0, seed=0, topk=0):
+        def generate(self, model, prompts, n, max_new_tokens, temperature=1.0, seeds=None, topk=0):
             ids = [tok(e.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for e in ex for _ in range(n)]
             return common.Samples([[0]] * len(ids), ids, [[0.0] * len(i) for i in ids], ["stop"] * len(ids))
 
     ex = common.load_task("countdown", n_train=10, n_test=5)[1]
-    res = common.evaluate(rand_model, tok, Oracle(), ex, n=4, ks=(1, 4))
+    res = common.evaluate(rand_model, tok, Oracle(), ex, n=4)
     assert res["eval/greedy_acc"] == 1.0 and res["eval/pass@1"] == 1.0 and res["eval/pass@4"] == 1.0
+    assert sorted(k for k in res if "pass@" in k) == ["eval/pass@1", "eval/pass@4"]  # no pass@8/16 from 4 samples
     assert res["eval/response_len"] == pytest.approx(sum(len(e.solution) + 1 for e in ex) / len(ex))
 
 
@@ -328,3 +344,120 @@ def test_save_checkpoint_is_atomic(tmp_path):
 def test_too_small_countdown_level_fails_instead_of_looping():
     with pytest.raises(ValueError, match="fewer than"):
         common.load_task("countdown:2")
+
+
+# ---- the real-model path: sampling exactly from pi, seeds, stop ids, stand-in ----------------------------------
+def test_sample_tokens_follows_the_distribution_exactly():
+    """Inverse-CDF draw: with N evenly spread uniforms every token is drawn N * p times (p = 0.1, 0.2, 0, 0.7)."""
+    logp = torch.log(torch.tensor([[0.1, 0.2, 0.0, 0.7]])).expand(1000, 4)
+    u = (torch.arange(1000) + 0.5) / 1000
+    counts = torch.bincount(common.sample_tokens(logp, u), minlength=4)
+    assert counts.tolist() == [100, 200, 0, 700]
+    assert common.sample_tokens(torch.log(torch.tensor([[0.5, 0.5]])), torch.tensor([0.9999999])).item() == 1
+
+
+def test_stream_seeds_are_distinct_and_rank_independent():
+    a = common.stream_seeds((0, "rollout", 3), 64)
+    assert len(set(a)) == 64 and all(0 <= s < 2**62 for s in a)
+    assert common.stream_seeds((0, "rollout", 3), 8) == a[:8]  # a rank's slice is what one process would use
+    assert not set(a) & (set(common.stream_seeds((0, "rollout", 4), 64)) | set(common.stream_seeds((0, "eval", 3), 64)))
+
+
+def test_a_prompts_samples_do_not_depend_on_its_batch(tok, rand_model):
+    """Each prompt samples from its own stream: alone, in another order, or split over chunks (ranks), the same."""
+    p = _mixed_prompts(tok)
+    seeds = common.stream_seeds((1,), 4)
+    whole = hf_sampler(tok).generate(rand_model, p, 3, 8, seeds=seeds)
+    alone = hf_sampler(tok).generate(rand_model, p[2:3], 3, 8, seeds=seeds[2:3])
+    small = common.HFSampler(tok, [tok.eos_token_id], max_batch=5).generate(rand_model, p[::-1], 3, 8, seeds=seeds[::-1])
+    assert alone.response_ids == whole.response_ids[6:9]
+    assert small.response_ids[3:6] == whole.response_ids[6:9]
+    same = hf_sampler(tok).generate(rand_model, [p[0], p[0]], 2, 8, seeds=common.stream_seeds((2,), 2))
+    assert same.response_ids[:2] != same.response_ids[2:]  # the same prompt twice in a call: different samples
+
+
+def test_pass_ks_only_asks_what_n_allows():
+    assert common.pass_ks(16) == [1, 8, 16] and common.pass_ks(4) == [1, 4] and common.pass_ks(1) == [1]
+    assert common.pass_ks(32) == [1, 8, 16, 32]
+
+
+def test_token_logprobs_nograd_by_micro_batch_equals_whole(tok, rand_model):
+    _, batch = _batch(tok, rand_model)
+    whole = common.token_logprobs(rand_model, batch, 1.0, with_entropy=True)
+    for mb in (1, 4, 0):
+        part = common.token_logprobs_nograd(rand_model, batch, mb, temperature=1.0, with_entropy=True)
+        assert all(torch.allclose(part[k], whole[k], atol=1e-6) for k in whole) and not part["logp"].requires_grad
+
+
+def test_only_the_last_hidden_state_is_kept(tok, rand_model):
+    """response_hidden never asks for every layer's hidden states (at 7B that is ~35 GB per batch)."""
+    _, batch = _batch(tok, rand_model)
+    seen = []
+    hook = rand_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("output_hidden_states")),
+                                                with_kwargs=True)
+    for share in (True, False):
+        common.response_hidden(rand_model, batch["input_ids"], batch["attention_mask"], batch["mask"].shape[1], share)
+    hook.remove()
+    assert seen and not any(seen)
+
+
+def test_bf16_autocast_logprobs_and_gradients_reach_float32_weights(tok, rand_model):
+    _, batch = _batch(tok, rand_model)
+    ref = common.token_logprobs(rand_model, batch, 1.0)["logp"]
+    with common.autocast(torch.device("cpu"), torch.bfloat16):
+        out = common.token_logprobs(rand_model, batch, 1.0, with_entropy=True)
+    assert out["logp"].dtype == torch.float32 and torch.allclose(out["logp"], ref, atol=0.05)
+    (out["logp"].sum() + out["entropy"].sum()).backward()
+    w = common.output_weight(rand_model)
+    assert w.dtype == torch.float32 and w.grad is not None and w.grad.dtype == torch.float32 and w.grad.abs().sum() > 0
+
+
+def test_standin_looks_like_qwen(standin):
+    tok = AutoTokenizer.from_pretrained(standin)
+    model = common.load_model_and_tokenizer(str(standin), torch.device("cpu"))[0]
+    assert type(tok).__name__ == "Qwen2Tokenizer" and model.config.model_type == "qwen2"
+    assert model.config.vocab_size > len(tok) and model.config.tie_word_embeddings
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\nYou are Qwen") and text.endswith("<|im_start|>assistant\n")
+    assert tok.decode(tok("  two  spaces, 1234 digits")["input_ids"]) == "  two  spaces, 1234 digits"  # byte-level
+    gen = model.generation_config
+    assert gen.repetition_penalty != 1 and gen.top_k and gen.top_p < 1 and gen.temperature != 1
+    assert common.stop_ids(tok, model) == sorted(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+
+
+def _standin_batch(standin, dtype=torch.float32):
+    """3 chat-templated prompts x 4 samples of 16 tokens from the stand-in: (model, prompts, sampler, Samples, batch)."""
+    model, tok, _ = common.load_model_and_tokenizer(str(standin), torch.device("cpu"))
+    prompts = common.encode_prompts(tok, common.load_task("arithmetic", n_train=10, n_test=5)[0][:3])
+    sampler = common.HFSampler(tok, common.stop_ids(tok, model), dtype)
+    s = sampler.generate(model, prompts, 4, 16, 1.0, seeds=common.stream_seeds((0,), 3))
+    return model, prompts, sampler, s, common.collate(s, tok.pad_token_id, "cpu")
+
+
+def test_hf_sampler_samples_pi_not_the_generation_config(standin):
+    """Regression: generate() took repetition_penalty/top_k/top_p from the stand-in's generation_config.json, so the
+    behaviour log-probs were not pi's (first-step ratio != 1). The decode loop samples exactly pi at T."""
+    model, prompts, sampler, s, batch = _standin_batch(standin)
+    with torch.no_grad():
+        logp = common.token_logprobs(model, batch, 1.0)["logp"]
+    m = batch["mask"]
+    assert ((logp - batch["old_logp"]).abs() * m).max() < 1e-4
+    assert abs(common.masked_mean(torch.exp(logp - batch["old_logp"]), m).item() - 1) < 1e-4  # first-step ratio
+    model.generation_config.repetition_penalty = 3.0  # ...and the config has no say in what is sampled
+    assert sampler.generate(model, prompts, 4, 16, 1.0, seeds=common.stream_seeds((0,), 3)).response_ids == s.response_ids
+
+
+def test_hf_sampler_bf16_matches_the_bf16_trainer_closely(standin):
+    model, _, _, _, batch = _standin_batch(standin, torch.bfloat16)
+    with torch.no_grad(), common.autocast(torch.device("cpu"), torch.bfloat16):
+        logp = common.token_logprobs(model, batch, 1.0)["logp"]
+    m = batch["mask"]
+    assert ((logp - batch["old_logp"]).abs() * m).max() < 0.05  # bf16 rounding of two different kernels
+    assert abs(common.masked_mean(torch.exp(logp - batch["old_logp"]), m).item() - 1) < 1e-3
+
+
+@needs_data("gsm8k_train.jsonl")
+def test_gsm8k_keeps_every_training_row():
+    train, test = common.load_task("gsm8k")
+    assert len(train) == 7473 and len(test) == 500  # was silently cut to 5,000

@@ -1,10 +1,12 @@
 """grpo.py: advantage and loss on hand-computed micro-examples, then the script itself end to end."""
+import json
 import math
 
 import pytest
 import torch
 from conftest import ROOT, records, run_script, SMALL
 
+import common
 import grpo
 from grpo import aggregate, group_advantages, micro_weight, policy_loss
 
@@ -131,13 +133,54 @@ def test_resume_is_bit_for_bit(tiny_cache, tmp_path):
     assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
 
 
-def test_nan_stops_and_keeps_last_good_checkpoint(tiny_cache, tmp_path):
-    p = run_script("grpo.py", "--max_steps", "6", "--save_every", "1", "--eval_every", "0", "--lr", "1e6",
-                   "--output_dir", str(tmp_path), *SMALL)
-    assert p.returncode != 0
-    assert "stopping" in p.stdout + p.stderr and "last good checkpoint" in p.stdout + p.stderr
-    ckpt = torch.load(tmp_path / "checkpoint.pt")
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+def _args(tmp_path, **kw):
+    """grpo.Args for an in-process run of a few seconds (the SMALL settings)."""
+    base = dict(output_dir=str(tmp_path), prompts_per_step=4, group_size=4, eval_prompts=8, eval_samples=4,
+                log_examples_every=0, eval_every=0)
+    return grpo.Args(**{**base, **kw})
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_cache, tmp_path, monkeypatch):
+    """A NaN loss at step 3 (injected) stops the run; checkpoint.pt keeps step 2's finite weights."""
+    calls, real = [], grpo.policy_loss
+
+    def nan_at_step_3(*a, **kw):
+        calls.append(1)
+        loss, st = real(*a, **kw)
+        return (loss * float("nan") if len(calls) == 3 else loss), st
+
+    monkeypatch.setattr(grpo, "policy_loss", nan_at_step_3)
+    with pytest.raises(SystemExit, match="step 3: gradient norm is nan .* last good checkpoint"):
+        grpo.main(_args(tmp_path, max_steps=6, save_every=1))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_final_checkpoint_is_saved_before_the_final_evaluation(tiny_cache, tmp_path, monkeypatch):
+    """Regression: the final evaluation ran before the final checkpoint, so an evaluation crash lost the run."""
+    def broken(*a, **kw):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(grpo, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        grpo.main(_args(tmp_path, max_steps=2, save_every=100))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_fewer_eval_samples_than_16_work(tiny_cache, tmp_path):
+    """Regression: pass@8/16 were hard-coded, so --eval_samples below 16 crashed the final evaluation."""
+    grpo.main(_args(tmp_path, max_steps=1, eval_samples=3))
+    last = records(tmp_path)[-1]
+    assert sorted(k for k in last if k.startswith("eval/pass@")) == ["eval/pass@1", "eval/pass@3"]
+
+
+def test_too_few_training_prompts_fail_with_one_sentence(tiny_cache, tmp_path):
+    f = tmp_path / "small.jsonl"
+    f.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(12)))
+    p = run_script("grpo.py", "--model", str(common.tiny_cache_dir("countdown")), "--task", str(f),
+                   "--prompts_per_step", "32", "--output_dir", str(tmp_path / "run"))
+    assert p.returncode != 0 and "fewer than the 32 needed" in p.stderr + p.stdout, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
 
 
 def test_torchrun_two_ranks_stay_identical(tiny_cache, tmp_path):
@@ -148,6 +191,40 @@ def test_torchrun_two_ranks_stay_identical(tiny_cache, tmp_path):
     assert (tmp_path / "params_equal").read_text() == "True"
     assert [r["step"] for r in records(tmp_path)[1:]] == [0, 1, 2]  # one metrics file, written once per step
     assert not list(tmp_path.glob("metrics*rank*"))
+
+
+MULTI = ["--group_size", "4", "--prompts_per_step", "8", "--micro_batch_size", "3", "--temperature", "1.6",
+         "--max_steps", "3", "--eval_every", "0", "--eval_prompts", "8", "--eval_samples", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_cache, tmp_path_factory):
+    d = tmp_path_factory.mktemp("one_process")
+    p = run_script("grpo.py", *MULTI, "--output_dir", str(d))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_compute_what_one_process_does(one_process_run, tmp_path, mode):
+    """2 gloo ranks (DDP, or FSDP2 shards) against 1 process on the same rows: the same rewards, losses, gradient
+    norms and weights. Regressions: (1) response lengths differ between the ranks, so the old per-rank token-mean
+    normaliser gave other gradients; (2) micro-batches of 3 rows hold repeated prompts or not, which deadlocked DDP
+    (prompt sharing made a different number of forward calls, hence of DDP's buffer broadcasts, on each rank)."""
+    extra = ["--fsdp", "true"] if mode == "fsdp" else []
+    p = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "grpo.py", *MULTI, *extra,
+                   "--output_dir", str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    one, two = records(one_process_run)[1:], records(tmp_path)[1:]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    assert len({r["response/len"] for r in one}) > 1 and any(r["perf/grad_norm"] > 0.1 for r in one)  # a real test
+    for a, b in zip(one, two):
+        assert a["reward/mean"] == b["reward/mean"] and a["response/len"] == b["response/len"]  # the same rollouts
+        assert b["perf/grad_norm"] == pytest.approx(a["perf/grad_norm"], rel=1e-4)
+    wa = torch.load(one_process_run / "checkpoint.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # lr 3e-4: a wrong gradient moves 1e-4+
+    assert (tmp_path / "final" / "model.safetensors").exists()
 
 
 def test_grpo_learns_on_the_tiny_task(tiny_cache, tmp_path):
