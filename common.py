@@ -298,9 +298,13 @@ def warm_start(model, tok, examples: list, steps: int = 300, lr: float = 2e-3, b
     return model
 
 
+def cache_root() -> Path:
+    """Where built models and one-off computations are cached: $RLVR_CACHE, else ~/.cache/rlvr-tiny."""
+    return Path(os.environ.get("RLVR_CACHE", Path.home() / ".cache" / "rlvr-tiny"))
+
+
 def tiny_cache_dir(family: str) -> Path:
-    root = Path(os.environ.get("RLVR_CACHE", Path.home() / ".cache" / "rlvr-tiny"))
-    return root / f"tiny-{family}-v1"
+    return cache_root() / f"tiny-{family}-v1"
 
 
 def build_tiny(family: str, out_dir=None, sft_steps: int = 500, seed: int = 0) -> Path:

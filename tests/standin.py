@@ -110,5 +110,5 @@ def standin_path(rows: int = 0, **shape) -> Path:
 
     key = "-".join(f"{k}{v}" for k, v in sorted(shape.items()))
     data = "gsm8k" if (common.shared_data_dir() / "gsm8k_train.jsonl").is_file() else "builtin"
-    path = common.tiny_cache_dir("x").parent / f"qwen-standin-v1-{data}-r{rows}{'-' + key if key else ''}"
+    path = common.cache_root() / f"qwen-standin-v1-{data}-r{rows}{'-' + key if key else ''}"
     return path if path.exists() else build_standin(path, rows, **shape)
