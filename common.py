@@ -280,7 +280,7 @@ def sft_batch(tok, examples: list, device="cpu"):
 
 
 def warm_start(model, tok, examples: list, steps: int = 300, lr: float = 2e-3, batch: int = 64, seed: int = 0):
-    """Supervised warm start (cpu_feasibility.md §2): AdamW (0.9, 0.98), 20 warm-up steps, grad clip 1.0."""
+    """Supervised warm start: AdamW (0.9, 0.98), 20 warm-up steps, grad clip 1.0 (our choice for the tiny model)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     rng = np.random.default_rng(seed)
     model.train()

@@ -1,18 +1,22 @@
 """DPPO: a trust region on an estimated divergence to the rollout policy mu, instead of ratio clipping.
 
 Divergence Proximal Policy Optimization (Qi et al. 2026, "Rethinking the Trust Region in LLM Reinforcement Learning",
-arXiv 2602.04879; spec ../shared/specs/dppo.md). What changes against grpo.py:
+arXiv 2602.04879; official code github.com/sail-sg/Stable-RL). What changes against grpo.py:
   1. anchor: mu = the log-probs the sampler returned for the tokens it sampled (`old_logp`, never recomputed), the
-     same for the ratio and the divergence in every mini-batch; 4 optimizer steps per rollout batch by default;
+     same for the ratio and the divergence in every mini-batch (Sec. 5.2); 4 optimizer steps per rollout batch;
   2. gate: a token's gradient is cut only when the update moves away from mu (A > 0 and r > 1, or A < 0 and r < 1)
-     AND a divergence estimate D(mu || pi) at that state exceeds delta, not when r leaves [1 - eps, 1 + eps];
-  3. loss per token -sg(M) * sg(min(r, C)) * A * log pi: truncated importance sampling (C = 5), no PPO min/max;
-  4. D: binary TV (default, delta 0.15) or binary KL (0.05) on {sampled token, rest}, or top-K TV / KL on mu's
-     top-K (K = 20) + the sampled token + an "other" bucket (needs the sampler's top-K log-probs);
-  5. Dr. GRPO: advantage without the std division, constant normalizer (token sum / (B * max_new_tokens)).
+     AND a divergence estimate D(mu || pi) at that state exceeds delta, not when r leaves [1 - eps, 1 + eps] (Eq. 12);
+  3. loss per token -sg(M) * sg(min(r, C)) * A * log pi (its gradient is Eq. 23): truncated importance sampling
+     (C = 5), no PPO min/max;
+  4. D: binary TV (default, delta 0.15) or binary KL (0.05) on {sampled token, rest} (Eq. 13/14), or top-K TV / KL
+     on mu's top-K (K = 20) + the sampled token + an "other" bucket (Eq. 15/16; needs the sampler's top-K log-probs);
+  5. Dr. GRPO (arXiv 2503.20783): advantage without the std division, constant normalizer (token sum / (B *
+     max_new_tokens)), as the authors' verl script (verl examples/dppo_trainer/run_qwen30b_dppo.sh).
 
 CPU, embedded tiny model, ~5 minutes:  python dppo.py
 GPU (pip install vllm):                python dppo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k --mini_batches 8
+Several GPUs, data parallel:           torchrun --nproc_per_node 8 dppo.py --model ... --task gsm8k
+A model too big for one GPU (FSDP2):   torchrun --nproc_per_node 8 dppo.py --model ... --fsdp true
 Top-K KL variant:                      python dppo.py --divergence topk_kl
 """
 import contextlib
@@ -26,10 +30,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (Timer, append_metrics, collate, decode, drop_long_prompts, encode_prompts, evaluate,
-                    init_distributed, load_model_and_tokenizer, load_task, make_sampler, masked_mean,
-                    parse_task_name, pick_device, pick_dtype, resolve_model_path, save_checkpoint, score,
-                    token_logprobs, truncate_metrics)
+from common import (Timer, all_ranks_mean, all_ranks_sum, append_metrics, autocast, collate, decode,
+                    drop_long_prompts, encode_prompts, evaluate, finite_weights, full_state, init_distributed,
+                    load_full_state, load_model_and_tokenizer, load_task, make_sampler, masked_mean, parse_task_name,
+                    pick_device, pick_dtype, resolve_model_path, save_checkpoint, save_final, score, stop_ids,
+                    stream_seeds, token_logprobs, token_logprobs_nograd, truncate_metrics, wrap_policy)
 
 
 @dataclass
@@ -37,10 +42,14 @@ class Args:
     model: str = "tiny"  # "tiny" (embedded default, built on first use), a Hugging Face id, or a local folder
     task: str = "countdown"  # countdown[:n numbers], arithmetic[:digits], gsm8k, math500, or a .jsonl path
     backend: str = "auto"  # sampler: hf | vllm | auto (vLLM when it imports and the device is CUDA)
+    vllm_gpu_memory: float = 0.3  # share of the GPU's memory vLLM may take beside the trainer
     output_dir: str = "runs/dppo"  # metrics.jsonl, checkpoint.pt and final/ go here
-    seed: int = 0  # seeds python/numpy/torch; sampling seeds derive from (seed, step)
+    seed: int = 0  # seeds python/numpy/torch; sampling seeds derive from (seed, step, prompt)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # compute dtype: auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16. The weights
+    #                      and AdamW state are float32 in every case (bf16 runs under autocast)
+    fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2), not DDP
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less activation memory
     resume: bool = False  # continue from <output_dir>/checkpoint.pt
     max_steps: int = 200  # RL steps (one rollout batch each)
     prompts_per_step: int = 32  # P: prompts per step, over all ranks
@@ -52,22 +61,28 @@ class Args:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # gradient-norm clipping
     epochs: int = 1  # passes over each rollout batch
-    mini_batches: int = 4  # DPPO: optimizer steps per pass; the trust region only matters when > 1 (dppo.md §4)
-    micro_batch_size: int = 0  # sequences per forward/backward (gradient accumulation); 0 = whole mini-batch
+    mini_batches: int = 4  # DPPO: optimizer steps per pass, 4 as the paper's stability runs (arXiv 2602.04879
+    #                        App. C); the gate acts from the second step on, once theta has left the rollout weights
+    micro_batch_size: int = 0  # sequences per forward (gradient accumulation; reference pass too); 0 = all
     eps_low: float = 0.2  # DPPO: diagnostic only: policy/ppo_clipfrac = share of tokens PPO's gate would cut
     eps_high: float = 0.2  # DPPO: diagnostic only, the upper side of that gate
-    divergence: str = "binary_tv"  # DPPO: binary_tv | binary_kl | topk_tv | topk_kl (dppo.md §3; default §7)
-    delta: float = 0.0  # DPPO: threshold on D for A > 0 tokens; 0 = 0.15 for *_tv, 0.05 for *_kl (dppo.md §3)
-    delta_low: float = 0.0  # DPPO: threshold on D for A < 0 tokens; 0 = the same as delta (dppo.md §7)
-    is_cap: float = 5.0  # DPPO: C, cap on the importance weight min(r, C); inf = the paper's eq. 12 (dppo.md §7)
-    topk: int = 20  # DPPO: K of the top-K divergences (vLLM returns at most 20); unused for binary_*
-    beta: float = 0.0  # k3 KL to the initial policy; 0 loads no reference model
-    scale_std: bool = False  # DPPO: no std division, as Dr. GRPO (dppo.md §5)
-    agg: str = "seq-mean-token-sum-norm"  # DPPO: Dr. GRPO constant normalizer (dppo.md §5, §7; token-mean optional)
+    divergence: str = "binary_tv"  # DPPO: binary_tv | binary_kl | topk_tv | topk_kl (Eq. 13-16); binary TV is the
+    #                                default of the authors' verl script (examples/dppo_trainer/run_qwen30b_dppo.sh)
+    delta: float = 0.0  # DPPO: threshold on D for A > 0 tokens; 0 = 0.15 for *_tv, 0.05 for *_kl (App. C, as in
+    #                     that script)
+    delta_low: float = 0.0  # DPPO: threshold on D for A < 0 tokens; 0 = the same as delta (the paper has one delta,
+    #                         the official code a low and a high one)
+    is_cap: float = 5.0  # DPPO: C, cap on the importance weight min(r, C) (App. E: "C = 5 by default"); inf = the
+    #                      exact gradient of Eq. 12
+    topk: int = 20  # DPPO: K of the top-K divergences (App. F.3: vLLM returns at most 20); unused for binary_*
+    beta: float = 0.0  # k3 KL to the initial policy; 0 loads no reference model (DPPO uses none)
+    scale_std: bool = False  # DPPO: no std division (App. C.1), as Dr. GRPO
+    agg: str = "seq-mean-token-sum-norm"  # DPPO: Dr. GRPO's constant normalizer, as the authors' verl script
+    #                                       (token-mean | seq-mean-token-mean optional)
     logprob_chunk: int = 256  # response tokens projected to the vocabulary at a time (memory: bench/logprob_memory.py)
     eval_every: int = 10  # steps between evaluations on held-out prompts (0 = only at the end)
     eval_prompts: int = 128  # held-out prompts per evaluation
-    eval_samples: int = 16  # samples per held-out prompt for pass@1/8/16
+    eval_samples: int = 16  # samples per held-out prompt: pass@k for k in 1, 8, 16 (where <= n) and n
     log_examples_every: int = 25  # print a few completions every N steps (0 = never)
     save_every: int = 25  # checkpoint every N steps (also at the end and on Ctrl-C)
 
@@ -98,17 +113,17 @@ def aggregate(token_loss, mask, agg: str = "token-mean", max_len: int = None):
 def divergence(logp, behavior_logp, kind="binary_tv", topk_behavior_logp=None, topk_logp=None):
     """D(mu || pi) at each response token, without gradient, fp32 out. logp, behavior_logp: [B, T] log pi / log mu of
     the sampled token; topk_*: [B, T, K] log mu / log pi on mu's top-K ids with the sampled token included (slots
-    at -inf count as absent, see with_sampled_token). Each estimate is a lower bound of the exact one (dppo.md §3)."""
+    at -inf count as absent, see with_sampled_token). Each estimate is a lower bound of the exact one (App. B)."""
     logp, behavior_logp = logp.detach().double(), behavior_logp.detach().double()  # [B, T]
-    if kind == "binary_tv":  # |mu(y) - pi(y)|: TV of Bernoulli(m) vs Bernoulli(p)  dppo.md §3
+    if kind == "binary_tv":  # |mu(y) - pi(y)|: TV of Bernoulli(m) vs Bernoulli(p)  Eq. 13
         return (behavior_logp.exp() - logp.exp()).abs().float()  # [B, T]
-    if kind == "binary_kl":  # m log(m/p) + (1-m) log((1-m+1e-8)/(1-p+1e-8))  dppo.md §3 (paper eq. 14)
+    if kind == "binary_kl":  # m log(m/p) + (1-m) log((1-m+1e-8)/(1-p+1e-8))  Eq. 14, the official code's 1e-8 guards
         rest_m, rest_p = -torch.expm1(behavior_logp), -torch.expm1(logp)  # [B, T]  1 - m, 1 - p
         kl = behavior_logp.exp() * (behavior_logp - logp) + rest_m * ((rest_m + 1e-8).log() - (rest_p + 1e-8).log())
         return kl.float()  # [B, T]
-    if kind in ("topk_tv", "topk_kl"):  # reduced distributions over S_t and "other"  dppo.md §3 (paper eq. 15/16)
+    if kind in ("topk_tv", "topk_kl"):  # reduced distributions over mu's top-K + y and "other"  Eq. 15 / 16
         lq_mu, lq_pi = topk_behavior_logp.detach().double(), topk_logp.detach().double()  # [B, T, K]
-        other_mu = (1 - lq_mu.exp().sum(-1)).clamp(min=1e-12)  # [B, T]  clamped at 1e-12, as the official code
+        other_mu = (1 - lq_mu.exp().sum(-1)).clamp(min=1e-12)  # [B, T]  clamped as Stable-RL's compute_topk_kl
         other_pi = (1 - lq_pi.exp().sum(-1)).clamp(min=1e-12)  # [B, T]
         if kind == "topk_tv":
             d = 0.5 * ((lq_mu.exp() - lq_pi.exp()).abs().sum(-1) + (other_mu - other_pi).abs())  # [B, T]
@@ -121,17 +136,18 @@ def divergence(logp, behavior_logp, kind="binary_tv", topk_behavior_logp=None, t
 
 
 def trust_region_mask(div, ratio, adv, delta_low, delta_high):
-    """M = 0 where the update moves away from mu and D > delta (dppo.md §2 eq. 12), else 1 (A = 0 included).
-    div, ratio: [B, T]; adv: [B]. With div = |ratio - 1| and delta = eps it is PPO's clip gate (dppo.md §2)."""
+    """M = 0 where the update moves away from mu and D > delta (Eq. 12), else 1 (A = 0 included). div, ratio:
+    [B, T]; adv: [B]. With div = |ratio - 1| and delta = eps it is PPO's clip gate (Sec. 4.3)."""
     a = adv[:, None]  # [B, 1]
     cut = ((a > 0) & (ratio > 1) & (div > delta_high)) | ((a < 0) & (ratio < 1) & (div > delta_low))  # [B, T]
     return (~cut).float()  # [B, T]
 
 
 def with_sampled_token(topk_lp, topk_ids, lp, response_ids):
-    """mu's top-K plus the sampled token as slot K+1 (the paper's union, dppo.md §7 recommended default, not the
-    code's overwrite of slot K). Where the sampled token is already in the top-K, slot K+1 is -inf (mass 0), so
-    nothing is counted twice. topk_lp, topk_ids: [B, T, K]; lp, response_ids: [B, T] -> [B, T, K+1]."""
+    """mu's top-K plus the sampled token as slot K+1: the paper's set TopK(mu, K) | {y} (Sec. 4.4), where the
+    official rollout server (Stable-RL vllm_async_server.py) overwrites slot K with y instead. Where the sampled
+    token is already in the top-K, slot K+1 is -inf (mass 0), so nothing is counted twice. topk_lp, topk_ids:
+    [B, T, K]; lp, response_ids: [B, T] -> [B, T, K+1]."""
     dup = (topk_ids == response_ids[..., None]).any(-1)  # [B, T]
     return torch.cat([topk_lp, lp.masked_fill(dup, float("-inf"))[..., None]], -1)  # [B, T, K+1]
 
@@ -141,38 +157,41 @@ def dppo_loss(logp, behavior_logp, adv, mask, kind="binary_tv", delta=0.15, is_c
               eps_low=0.2, eps_high=0.2, ref_logp=None, beta=0.0):
     """Divergence-gated truncated-IS policy gradient. logp (with grad), behavior_logp (= old_logp, the sampler's),
     mask: [B, T]; adv: [B]; delta for A > 0 tokens, delta_low (None = delta) for A < 0; eps_* only feed the
-    policy/ppo_clipfrac diagnostic. Returns (scalar loss, stats dict of floats)."""
-    old_logp = behavior_logp.detach()  # [B, T]  mu, stored at generation time (dppo.md §4)
-    with torch.no_grad():  # M, r and D carry no gradient (dppo.md §2)
+    policy/ppo_clipfrac diagnostic. Every statistic but the normalizer is per token: the gate needs no other rank.
+    Returns (scalar loss, stats dict of floats: token shares of this micro-batch, as the official code logs them)."""
+    old_logp = behavior_logp.detach()  # [B, T]  mu, stored at generation time (Sec. 5.2)
+    with torch.no_grad():  # M, r and D carry no gradient (Eq. 23)
         ratio = torch.exp((logp.detach() - old_logp).clamp(-20, 20))  # [B, T]  log r clamped at 20, as the code
         div = divergence(logp, old_logp, kind, topk_behavior_logp, topk_logp)  # [B, T]
         keep = trust_region_mask(div, ratio, adv, delta if delta_low is None else delta_low, delta)  # [B, T]
-        weight = ratio.clamp(max=is_cap)  # [B, T]  sg(min(r, C)): weight C above the cap, not 0 (dppo.md §2)
+        weight = ratio.clamp(max=is_cap)  # [B, T]  sg(min(r, C)): weight C above the cap, not 0
     a = adv[:, None]  # [B, 1]
-    token_loss = -keep * weight * a * logp  # [B, T]  l_t = -sg(M) sg(min(r, C)) A log pi  dppo.md §2 (paper eq. 23)
+    token_loss = -keep * weight * a * logp  # [B, T]  l_t = -sg(M) sg(min(r, C)) A log pi, whose gradient is Eq. 23
     cut = (1 - keep) * mask  # [B, T]
-    ppo_cut = 1 - trust_region_mask((ratio - 1).abs(), ratio, adv, eps_low, eps_high)  # [B, T]  dppo.md §2
+    ppo_cut = 1 - trust_region_mask((ratio - 1).abs(), ratio, adv, eps_low, eps_high)  # [B, T]  PPO's gate
     n = mask.sum().clamp(min=1)
     stats = {"policy/masked_frac": (cut.sum() / n).item(),  # share of response tokens whose gradient is cut
              "policy/masked_frac_pos": (cut * (a > 0)).sum().item() / n.item(),  # ... of them with A > 0
              "policy/masked_frac_neg": (cut * (a < 0)).sum().item() / n.item(),  # ... of them with A < 0
              "policy/divergence": masked_mean(div, mask).item(),
-             "policy/abs_pi_mu": masked_mean((logp.detach().exp() - old_logp.exp()).abs(), mask).item(),
+             "policy/abs_pi_mu": masked_mean((logp.detach().exp() - old_logp.exp()).abs(), mask).item(),  # App. F.2
              "policy/ppo_clipfrac": masked_mean(ppo_cut, mask).item(),  # what GRPO's clip would have cut
              "policy/is_capped": masked_mean((ratio > is_cap).float(), mask).item(),
              "policy/ratio": masked_mean(ratio, mask).item()}
     if ref_logp is not None and beta > 0:
         d = (ref_logp - logp).clamp(-20, 20)  # [B, T]
-        kl = torch.exp(d) - d - 1  # [B, T]  k3 estimator of KL(pi || pi_ref), >= 0 (off by default, dppo.md §5)
+        kl = torch.exp(d) - d - 1  # [B, T]  k3 estimator of KL(pi || pi_ref), >= 0 (off in the paper's runs)
         token_loss = token_loss + beta * kl
         stats["policy/kl"] = masked_mean(kl.detach(), mask).item()
     return aggregate(token_loss, mask, agg, max_len), stats
 
 
-def micro_weight(mask_micro, mask_mini, agg: str) -> float:
-    """Share of a micro-batch in its mini-batch loss, so that accumulated gradients equal the whole-batch one."""
+def micro_weight(mask_micro, mask_mini, agg: str, n_tokens=None) -> float:
+    """Share of a micro-batch in its mini-batch loss, so that accumulated gradients equal the whole-batch one.
+    n_tokens: the mini-batch's token count averaged over ranks (default: this mini-batch's). DDP and FSDP average
+    the ranks' gradients, so dividing by it makes the result the token-mean over every rank's tokens."""
     if agg == "token-mean":
-        return (mask_micro.sum() / mask_mini.sum().clamp(min=1)).item()
+        return (mask_micro.sum() / (mask_mini.sum() if n_tokens is None else n_tokens).clamp(min=1)).item()
     return mask_micro.shape[0] / mask_mini.shape[0]
 
 
@@ -190,12 +209,12 @@ def main(args: Args):
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    dtype = pick_dtype(args.dtype, device)
+    dtype = pick_dtype(args.dtype, device)  # compute dtype; weights and AdamW state stay float32
     torch.manual_seed(args.seed)
     builtin = parse_task_name(args.task)[1] is not None
     max_new = args.max_new_tokens or (12 if builtin else 512)
     lr = args.lr or (3e-4 if args.model == "tiny" else 1e-6)
-    delta = args.delta or (0.15 if args.divergence.endswith("tv") else 0.05)  # DPPO: dppo.md §3 table
+    delta = args.delta or (0.15 if args.divergence.endswith("tv") else 0.05)  # DPPO: App. C
     topk = args.topk if args.divergence.startswith("topk") else 0  # DPPO: mu's top-K only for topk_*
     if args.divergence not in ("binary_tv", "binary_kl", "topk_tv", "topk_kl") or args.topk < 1:  # DPPO
         raise SystemExit(f"--divergence must be binary_tv, binary_kl, topk_tv or topk_kl (not {args.divergence!r}) "
@@ -203,22 +222,28 @@ def main(args: Args):
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must divide by the {world} ranks")
     n_prompts = args.prompts_per_step // world  # this rank's share; a group never spans ranks
+    mine = slice(rank * n_prompts, (rank + 1) * n_prompts)  # this rank's prompts of the step's P
     out_dir, main_rank = Path(args.output_dir), rank == 0
 
     # ---- data and model ----
     path = resolve_model_path(args.model, args.task)
-    model, tok = load_model_and_tokenizer(path, device, dtype)
+    model, tok, stored_dtype = load_model_and_tokenizer(path, device)  # float32 master weights
     train, test = load_task(args.task)
     max_prompt = min(args.max_prompt_len, getattr(model.config, "max_position_embeddings", 10**9) - max_new)
-    train = drop_long_prompts(tok, train, max_prompt, "training")  # prompt + response must fit the context
-    test = drop_long_prompts(tok, test, max_prompt, "test")[: args.eval_prompts]
+    train = drop_long_prompts(tok, train, max_prompt, "training", args.prompts_per_step)  # prompt + response fit
+    test = drop_long_prompts(tok, test, max_prompt, "test", world)[: args.eval_prompts]
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
     ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
+    sampler = make_sampler(args.backend, path, tok, stop_ids(tok, model), max_prompt + max_new, dtype, device,
+                           args.vllm_gpu_memory, replicate=model if args.fsdp else None)
+    policy = wrap_policy(model, world, args.fsdp, dtype)  # the model itself, DDP, or FSDP2 (then model is sharded)
+    ref_model = wrap_policy(ref_model, world, True, dtype) if args.fsdp and ref_model is not None else ref_model
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     start = 0
     if args.resume and (out_dir / "checkpoint.pt").exists():
-        ckpt = torch.load(out_dir / "checkpoint.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)
+        load_full_state(model, optimizer, ckpt)
         start = ckpt["step"]
         if main_rank:
             truncate_metrics(out_dir / "metrics.jsonl", start)
@@ -227,51 +252,55 @@ def main(args: Args):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.jsonl").write_text("")
         append_metrics(out_dir / "metrics.jsonl", {"args": asdict(args), "lr": lr, "max_new_tokens": max_new})
-    backend = args.backend if args.backend != "auto" or device.type == "cuda" else "hf"  # HF is faster on CPU
-    sampler = make_sampler(backend, path, tok, max_prompt + max_new, dtype, args.seed + rank)
     sampler.push_weights(model)
-    policy = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     def checkpoint(step):
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
+        if not finite_weights(model):
             raise SystemExit(f"step {step}: non-finite weights; stopping without overwriting the last good checkpoint "
                              f"{out_dir / 'checkpoint.pt'}")
+        state = full_state(model, optimizer)  # float32, gathered from the shards under FSDP
         if main_rank:
-            save_checkpoint(out_dir / "checkpoint.pt", {"model": model.state_dict(), "step": step,
-                                                         "optimizer": optimizer.state_dict(), "args": asdict(args)})
+            save_checkpoint(out_dir / "checkpoint.pt", {**state, "step": step, "args": asdict(args)})
 
-    def run_eval(step):
-        res = evaluate(model, tok, sampler, test, n=args.eval_samples, ks=(1, 8, 16), max_new_tokens=max_new,
-                       temperature=args.temperature, seed=args.seed * 7919 + step)
-        tqdm.write(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in res.items()))
+    def run_eval(step):  # every rank evaluates its share of the held-out prompts
+        seeds = stream_seeds((args.seed, "eval", step), len(test))[rank::world]
+        res = evaluate(model, tok, sampler, test[rank::world], args.eval_samples, max_new, args.temperature, seeds)
+        res = all_ranks_mean(res, weight=len(seeds))
+        if main_rank:
+            tqdm.write(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in res.items()))
         return res
 
-    if main_rank and start == 0 and args.eval_every:
-        append_metrics(out_dir / "metrics.jsonl", {"step": 0, **run_eval(0)})
+    if start == 0 and args.eval_every:
+        res = run_eval(0)
+        if main_rank:
+            append_metrics(out_dir / "metrics.jsonl", {"step": 0, **res})
     stop = []  # Ctrl-C: finish the current step, save, exit (a second Ctrl-C kills)
     signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT, signal.SIG_DFL)))
 
     for step in tqdm(range(start, args.max_steps), disable=not main_rank, initial=start, total=args.max_steps):
         timer = Timer()
-        rng = np.random.default_rng([args.seed, step, rank])
+        rng = np.random.default_rng([args.seed, step])  # the same on every rank: each takes its slice
         # ---- rollout: G samples per prompt from the current policy ----
-        examples = [train[i] for i in rng.choice(len(train), n_prompts, replace=False)]
+        examples = [train[i] for i in rng.choice(len(train), args.prompts_per_step, replace=False)[mine]]
         with timer("sample"):
             samples = sampler.generate(model, encode_prompts(tok, examples), args.group_size, max_new,
-                                       temperature=args.temperature, seed=args.seed * 1_000_003 + step * 101 + rank,
+                                       args.temperature, stream_seeds((args.seed, "rollout", step),
+                                                                      args.prompts_per_step)[mine],
                                        topk=topk)  # DPPO: behaviour top-K ids and log-probs for topk_*
         with timer("score"):
             texts = decode(tok, samples.response_ids)
             per_seq = [e for e in examples for _ in range(args.group_size)]
             reward = torch.tensor([score(e, c) for e, c in zip(per_seq, texts)], device=device)  # [B]
         batch = collate(samples, tok.pad_token_id, device)  # input_ids [B, Tp+T]; mask, old_logp [B, T]
-        # DPPO: old_logp is mu, the sampler's own log-probs, the anchor of every mini-batch (dppo.md §4)
+        # DPPO: old_logp is mu, the sampler's own log-probs, the anchor of every mini-batch (Sec. 5.2)
 
         # ---- advantage ----
-        batch["adv"] = group_advantages(reward, args.group_size, args.scale_std)  # [B]  DPPO: R - mean, dppo.md §5
-        with timer("logp"), torch.no_grad():
+        batch["adv"] = group_advantages(reward, args.group_size, args.scale_std)  # [B]  DPPO: R - mean, App. C.1
+        with timer("logp"), autocast(device, dtype):
             if ref_model is not None:
-                batch["ref_logp"] = token_logprobs(ref_model, batch, args.temperature, args.logprob_chunk)["logp"]
+                batch["ref_logp"] = token_logprobs_nograd(ref_model, batch, args.micro_batch_size,
+                                                          temperature=args.temperature,
+                                                          chunk_size=args.logprob_chunk)["logp"]  # [B, T]
 
         # ---- update: epochs x mini-batches of DPPO steps ----
         policy.train()
@@ -280,11 +309,12 @@ def main(args: Args):
             for _ in range(args.epochs):
                 for mini_idx in np.array_split(rng.permutation(len(reward)), args.mini_batches):
                     mini = take(batch, torch.as_tensor(mini_idx, device=device))
+                    n_tokens = all_ranks_sum(mini["mask"].sum()) / world  # the token-mean spans every rank
                     mb = args.micro_batch_size or len(mini_idx)
                     for s in range(0, len(mini_idx), mb):
                         micro = take(mini, slice(s, s + mb))
-                        last = s + mb >= len(mini_idx)
-                        with contextlib.nullcontext() if last or world == 1 else policy.no_sync():
+                        sync = s + mb >= len(mini_idx) or world == 1 or args.fsdp  # DDP: all-reduce on the last
+                        with contextlib.nullcontext() if sync else policy.no_sync(), autocast(device, dtype):
                             out = token_logprobs(policy, micro, args.temperature, args.logprob_chunk, with_entropy=True,
                                                  extra_ids=micro.get("topk_ids"))  # DPPO: + log pi on mu's top-K
                             tk_mu = tk_pi = None  # DPPO: [B, T, K+1] top-K + sampled token, for topk_* only
@@ -293,21 +323,21 @@ def main(args: Args):
                                                            micro["old_logp"], micro["response_ids"])
                                 tk_pi = with_sampled_token(out["extra_logp"], micro["topk_ids"],
                                                            out["logp"].detach(), micro["response_ids"])
+                            # DPPO: Dr. GRPO's B * L over all ranks: L = max_new on every rank (not this rank's
+                            # longest response); B = this rank's rows, the same count on every rank, so DDP's and
+                            # FSDP's mean over ranks makes it the mini-batch's rows over all ranks
                             loss, st = dppo_loss(out["logp"], micro["old_logp"], micro["adv"], micro["mask"],
                                                  args.divergence, delta, args.is_cap, max_new, tk_mu, tk_pi,
                                                  args.delta_low or None, args.agg, args.eps_low, args.eps_high,
-                                                 micro.get("ref_logp"), args.beta)  # DPPO: dppo.md §2
-                            if not torch.isfinite(loss):
-                                raise SystemExit(f"step {step}: loss is {loss.item()}; stopping. The last good "
-                                                 f"checkpoint is {out_dir / 'checkpoint.pt'}")
-                            (loss * micro_weight(micro["mask"], mini["mask"], args.agg)).backward()
+                                                 micro.get("ref_logp"), args.beta)  # DPPO: Eq. 12 / 23
+                            (loss * micro_weight(micro["mask"], mini["mask"], args.agg, n_tokens)).backward()
                         st["loss/policy"] = loss.item()
                         st["policy/entropy"] = masked_mean(out["entropy"].detach(), micro["mask"]).item()
                         logs.append(st)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    if not torch.isfinite(grad_norm):
-                        raise SystemExit(f"step {step}: gradient norm is {grad_norm.item()}; stopping. The last "
-                                         f"good checkpoint is {out_dir / 'checkpoint.pt'}")
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                    if not np.isfinite(grad_norm):  # a NaN/inf loss ends here too, on every rank at once
+                        raise SystemExit(f"step {step + 1}: gradient norm is {grad_norm} (a non-finite loss or "
+                                         f"gradient); stopping. The last good checkpoint is {out_dir / 'checkpoint.pt'}")
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
         policy.eval()
@@ -319,15 +349,16 @@ def main(args: Args):
         rec.update({"reward/mean": reward.mean().item(), "reward/std": reward.std().item(),
                     "reward/solved_groups": (reward.reshape(-1, args.group_size).amax(-1) > 0).float().mean().item(),
                     "reward/zero_std_groups": (reward.reshape(-1, args.group_size).std(-1) == 0).float().mean().item(),
-                    "response/len": lens.mean().item(), "perf/grad_norm": grad_norm.item(),
+                    "response/len": lens.mean().item(), "perf/grad_norm": grad_norm,
                     "response/truncated": float(np.mean([f == "length" for f in samples.finish]))})
         rec.update({f"perf/{k}_s": v for k, v in timer.s.items()})
-        if world > 1:  # mean over ranks
-            vals = torch.tensor(list(rec.values()), device=device)
-            torch.distributed.all_reduce(vals)
-            rec = dict(zip(rec, (vals / world).tolist()))
+        rec = all_ranks_mean(rec)  # mean over ranks
         rec["step"] = step + 1  # optimizer updates done
-        if main_rank and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
+        if world > 1:  # a Ctrl-C seen by any rank stops them all after the same step
+            stop += [1] if all_ranks_sum(torch.tensor(float(len(stop)))).item() and not stop else []
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stop:
+            checkpoint(step + 1)  # before evaluating: a failing evaluation never costs the run
+        if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
             rec.update(run_eval(step + 1))
         if main_rank:
             append_metrics(out_dir / "metrics.jsonl", rec)
@@ -335,20 +366,15 @@ def main(args: Args):
                        f"masked {rec['policy/masked_frac']:.3f} | entropy {rec['policy/entropy']:.3f} | "  # DPPO: gate
                        f"len {rec['response/len']:.1f} | {sum(timer.s.values()):.2f}s")
         if main_rank and args.log_examples_every and step % args.log_examples_every == 0:
-            for e, c, r in list(zip(per_seq, texts, reward.tolist()))[:: args.group_size][:3]:
-                tqdm.write(f"  {e.prompt!r} -> {c!r} reward {r:.0f}")
-        if world > 1:  # a Ctrl-C seen by any rank stops them all after the same step
-            flag = torch.tensor([float(len(stop))], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop += [1] if flag.item() and not stop else []
-        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps or stop:
-            checkpoint(step + 1)
+            for p, c, r in list(zip(samples.prompt_ids, texts, reward.tolist()))[:: args.group_size][:3]:
+                tqdm.write(f"  {tok.decode(p)!r} -> {c!r} reward {r:.0f}")  # the prompt as the model saw it
         if stop:
             print(f"interrupted: saved {out_dir / 'checkpoint.pt'} at step {step + 1}; continue with --resume")
             break
-    if main_rank and not stop:
-        model.save_pretrained(out_dir / "final")
-        tok.save_pretrained(out_dir / "final")
+    if not stop:
+        weights = full_state(model)["model"]  # gathered on rank 0 under FSDP
+        if main_rank:
+            save_final(model, tok, out_dir / "final", weights, stored_dtype)
     return model
 
 

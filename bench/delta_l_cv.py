@@ -1,19 +1,20 @@
-"""Coefficient of variation of the policy gradient under each loss aggregation (delta_l.md §3, §5.9), measured.
+"""Coefficient of variation of the policy gradient under each loss aggregation (ΔL normalization, arXiv 2509.07558,
+argues with it), measured.
 
 Fixed parameters (the warm-started tiny model), many independently resampled rollout batches (prompts x G samples);
 for each batch and each aggregation the flattened gradient of the on-policy PPO-clip loss (old_logp = logp, so the
 gradient is -sum_i c_i A_i sum_t grad log pi). Over the batches:
     CV = sqrt(trace Cov[g]) / ||mean g|| = ||per-coordinate std over batches|| / ||mean over batches||
-(spec §5.9's definition with the Monte-Carlo mean in place of the unknown true one; the mean's norm is inflated by
+(the usual definition with the Monte-Carlo mean in place of the unknown true one; the mean's norm is inflated by
 noise, E||mean||^2 = ||mu||^2 + trace Cov / n, so the table also gives CV with ||mu||^2 estimated as
 ||mean||^2 - trace Cov / n). CV is scale-free, so M and the different overall gains of the modes do not enter it.
 
 Settings (each on its own warm-started tiny model, common.resolve_model_path("tiny", task)):
   countdown       the tiny task itself at temperature 1: responses are almost all 6 tokens ("7+9-2" + EOS), so the
-                  aggregations nearly coincide there (equal lengths make them equal up to a constant, spec §5.1);
+                  aggregations nearly coincide there (equal lengths make them equal up to a constant);
   countdown_t1.5  the same at temperature 1.5 (sampling and log-probs): ~10% of responses have 4-9 tokens;
   arithmetic      the tiny arithmetic model: sums of two 2-digit numbers, 3 or 4 tokens with EOS (ratio 4:3).
-None of these has the 10-100x length spread of real RLVR; spec §5.9 (tests/test_delta_l.py) covers that synthetically.
+None of these has the 10-100x length spread of real RLVR; tests/test_delta_l.py covers that synthetically.
 A few minutes on 2 CPU cores:
     python bench/delta_l_cv.py                       # --batches 40 --prompts 8 --group_size 8
 """
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (HFSampler, collate, decode, encode_prompts, load_model_and_tokenizer, load_task,  # noqa: E402
-                    resolve_model_path, score, token_logprobs)
+                    resolve_model_path, score, stop_ids, stream_seeds, token_logprobs)
 from delta_l import group_advantages, policy_loss  # noqa: E402
 
 MODES = [("grpo", 1.0), ("dapo", 1.0), ("dr_grpo", 1.0), ("delta_l", 0.5), ("delta_l", 1.0)]  # (mode, alpha)
@@ -34,10 +35,10 @@ SETTINGS = {"countdown": ("countdown", 1.0), "countdown_t1.5": ("countdown", 1.5
 
 
 def measure(task, temperature, args):
-    model, tok = load_model_and_tokenizer(resolve_model_path("tiny", task), torch.device("cpu"), torch.float32)
+    model, tok, _ = load_model_and_tokenizer(resolve_model_path("tiny", task), torch.device("cpu"))
     model.eval()  # fixed parameters for every batch
     train = load_task(task)[0]
-    sampler, params = HFSampler(tok), [p for p in model.parameters() if p.requires_grad]
+    sampler, params = HFSampler(tok, stop_ids(tok, model)), [p for p in model.parameters() if p.requires_grad]
     n_par = sum(p.numel() for p in params)
     s1 = {m: torch.zeros(n_par, dtype=torch.float64) for m in MODES}  # sum of g over batches
     s2 = {m: torch.zeros(n_par, dtype=torch.float64) for m in MODES}  # sum of g^2
@@ -46,7 +47,7 @@ def measure(task, temperature, args):
         rng = np.random.default_rng([args.seed, b])
         examples = [train[i] for i in rng.choice(len(train), args.prompts, replace=False)]
         samples = sampler.generate(model, encode_prompts(tok, examples), args.group_size, args.max_new_tokens,
-                                   temperature=temperature, seed=args.seed * 1_000_003 + b)
+                                   temperature, stream_seeds((args.seed, "cv", b), args.prompts))
         per_seq = [e for e in examples for _ in range(args.group_size)]
         reward = torch.tensor([score(e, c) for e, c in zip(per_seq, decode(tok, samples.response_ids))])  # [B]
         batch = collate(samples, tok.pad_token_id, "cpu")

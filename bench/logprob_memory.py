@@ -4,7 +4,7 @@ python bench/logprob_memory.py                 # V=152,064 (Qwen2.5's padded voc
 python bench/logprob_memory.py --hidden 896    # Qwen2.5-0.5B's hidden size: same logits, ~3.5x the matmul time
 python bench/logprob_memory.py --quick         # V=32,000, H=256, N=512, chunk 128: a few seconds per case
 
-The default H=256 is the one cpu_feasibility.md section 4 used and keeps the full run near 5 minutes on 2 CPU cores;
+The default H=256 keeps the full run near 5 minutes on 2 CPU cores;
 H only changes the matmul time and the size of the weight gradient, not the [N, V] logits the comparison is about.
 
 For every N, logits dtype (float32, or bfloat16 hidden states and weight so the logits come out bf16) and with /
@@ -47,17 +47,30 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOL = {"float32": 1e-3, "bfloat16": 0.1}  # bf16 logits of magnitude ~10 round in steps of ~0.06
 
 
-class StubLM:
-    """Just enough of a causal LM for common.token_logprobs: forward -> final hidden states, an output embedding."""
+class StubLM(torch.nn.Module):
+    """Just enough of a causal LM for common.token_logprobs: its decoder returns fixed final hidden states, and it
+    has an output embedding."""
 
     def __init__(self, hs, weight):
+        super().__init__()
         self.hs, self.head = hs, SimpleNamespace(weight=weight)
+        self.decoder = _FixedDecoder()
 
-    def __call__(self, **kw):
-        return SimpleNamespace(hidden_states=(self.hs,))
+    def forward(self, input_ids, **kw):
+        extra = input_ids.shape[1] - self.hs.shape[1]  # response_hidden pads one-token prompts by a column
+        self.decoder(torch.nn.functional.pad(self.hs, (0, 0, extra, 0)) if extra > 0 else self.hs)  # read by a hook
+        return SimpleNamespace(past_key_values=None)
+
+    def get_decoder(self):
+        return self.decoder
 
     def get_output_embeddings(self):
         return self.head
+
+
+class _FixedDecoder(torch.nn.Module):
+    def forward(self, hs):
+        return (hs,)
 
 
 def make_inputs(n, vocab, hidden, dtype, grad, device, seed=0):

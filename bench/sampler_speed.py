@@ -1,4 +1,4 @@
-"""Sampler backends side by side: HF generate vs vLLM (in-process) on the same model, prompts and settings.
+"""Sampler backends side by side: the decode loop (common.HFSampler) vs vLLM (in-process), same model and prompts.
 
 python bench/sampler_speed.py                       # tiny countdown model, 32 prompts x 8 samples, 12 new tokens
 python bench/sampler_speed.py --max_new_tokens 32 --rounds 20
@@ -30,17 +30,19 @@ def main():
     device = common.pick_device("auto")
     dtype = common.pick_dtype("auto", device)
     path = common.resolve_model_path(a.model, a.task)
-    model, tok = common.load_model_and_tokenizer(path, device, dtype)
+    model, tok, _ = common.load_model_and_tokenizer(path, device)
     prompts = common.encode_prompts(tok, common.load_task(a.task)[0][: a.prompts])
     t0 = time.perf_counter()
-    vllm_s = common.VLLMSampler(path, tok, max(map(len, prompts)) + a.max_new_tokens, dtype)
+    stop = common.stop_ids(tok, model)
+    vllm_s = common.VLLMSampler(path, tok, stop, max(map(len, prompts)) + a.max_new_tokens, dtype)
     build = time.perf_counter() - t0
-    samplers = {"hf": common.HFSampler(tok), "vllm": vllm_s}
+    vllm_s.push_weights(model)
+    samplers = {"hf": common.HFSampler(tok, stop, dtype), "vllm": vllm_s}
     times, toks = {k: [] for k in samplers}, {k: [] for k in samplers}
     for r in range(a.rounds + 1):
         for name, s in samplers.items():
             t = time.perf_counter()
-            out = s.generate(model, prompts, a.n, a.max_new_tokens, 1.0, seed=r)
+            out = s.generate(model, prompts, a.n, a.max_new_tokens, 1.0, seeds=common.stream_seeds((r,), len(prompts)))
             if r:  # round 0 is the warm-up
                 times[name].append(time.perf_counter() - t)
                 toks[name].append(sum(map(len, out.response_ids)))

@@ -45,7 +45,7 @@ def trl_worker(steps: int, prompts: int, out: Path):
 
     torch.set_num_threads(2)
     path = common.resolve_model_path("tiny", "countdown")
-    model, tok = common.load_model_and_tokenizer(path, torch.device("cpu"), torch.float32)
+    model, tok, _ = common.load_model_and_tokenizer(path, torch.device("cpu"))
     train, _ = common.load_task("countdown")
     by_prompt = {e.prompt: e for e in train}
 

@@ -1,5 +1,6 @@
-"""delta_l.py: the weights and every aggregation mode on hand-computed examples and naive references
-(shared/specs/delta_l.md §5), then the script itself for a few steps."""
+"""delta_l.py: the weights and every aggregation mode on hand-computed examples and naive references (properties
+that follow from c_i = (1/M) L_i^(-alpha) / sum_j L_j^(-alpha), arXiv 2509.07558), then the script itself: a few
+steps, and 2 ranks against 1 process."""
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from conftest import SMALL, records, run_script
 
 import delta_l
-from delta_l import aggregate, delta_l_weights, micro_weight, policy_loss
+from delta_l import aggregate, delta_l_weights, length_metrics, micro_weight, normaliser, policy_loss
 
 MODES = ["delta_l", "grpo", "dapo", "dr_grpo"]
 
@@ -22,13 +23,13 @@ def _batch(lengths, T=None, seed=0):
 
 
 def coeffs(mask, mode, alpha=1.0, max_len=None):
-    """c_i of LOSS = sum_i c_i sum_t l_{i,t} (§3), read off by autograd: a token loss y_i / L_i per token."""
+    """c_i of LOSS = sum_i c_i sum_t l_{i,t}, read off by autograd: a token loss y_i / L_i per token."""
     y = torch.zeros(mask.shape[0], requires_grad=True)
     L = mask.sum(-1, keepdim=True)
     return torch.autograd.grad(aggregate(y[:, None] * mask / L, mask, mode, alpha, max_len), y)[0]
 
 
-# ---- the weights (§2) -------------------------------------------------------------------------------------------
+# ---- the weights ------------------------------------------------------------------------------------------------
 def test_weights_hand_computed_and_exponent_is_negative():
     # L = 1, 2, 4, M = 8, alpha = 1: L^-1 = 1, .5, .25, sum 1.75 -> c = 1 / (8 * 1.75) * (1, .5, .25) = (4, 2, 1) / 56
     c = delta_l_weights(torch.tensor([1, 2, 4]), alpha=1.0, max_len=8)
@@ -39,7 +40,7 @@ def test_weights_hand_computed_and_exponent_is_negative():
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.75, 1.0, 1.5])
-def test_weights_sum_to_one_over_m_and_are_scale_free(alpha):  # §5.4, §5.5
+def test_weights_sum_to_one_over_m_and_are_scale_free(alpha):  # any lengths; L / mean(L) as the official code
     torch.manual_seed(0)
     for _ in range(5):
         L = torch.randint(1, 4000, (16,))
@@ -55,7 +56,7 @@ def test_empty_response_does_not_divide_by_zero():
     assert torch.isfinite(c).all() and c.sum().item() == pytest.approx(1 / 12)
 
 
-# ---- aggregation modes (§3, §5) -------------------------------------------------------------------------------------
+# ---- aggregation modes ------------------------------------------------------------------------------------------
 def test_aggregate_hand_computed():
     x = torch.tensor([[1.0, 2, 3, 4], [5, 6, 99, 99]])
     mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
@@ -80,7 +81,7 @@ def test_masked_tokens_contribute_nothing(mode):
     assert (xg.grad[mask == 0] == 0).all() and (xg.grad[mask == 1] != 0).all()
 
 
-def test_equal_lengths_all_modes_agree_up_to_a_constant():  # §5.1
+def test_equal_lengths_all_modes_agree_up_to_a_constant():  # every c_i is then the same within a mode
     x, mask = _batch([5] * 6, T=8)
     M, L = 12, 5
     grpo_, dapo_, dr = (aggregate(x, mask, m, max_len=M) for m in ("grpo", "dapo", "dr_grpo"))
@@ -90,7 +91,7 @@ def test_equal_lengths_all_modes_agree_up_to_a_constant():  # §5.1
         assert aggregate(x, mask, "delta_l", alpha, M).item() == pytest.approx(dr.item(), abs=1e-6)
 
 
-def test_alpha_zero_is_dr_grpo_exactly():  # §5.2, loss and gradient, any lengths
+def test_alpha_zero_is_dr_grpo_exactly():  # loss and gradient, any lengths
     x, mask = _batch([1, 9, 4, 12, 2, 7], T=12)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     a, b = aggregate(xa, mask, "delta_l", 0.0, 12), aggregate(xb, mask, "dr_grpo", max_len=12)
@@ -98,7 +99,7 @@ def test_alpha_zero_is_dr_grpo_exactly():  # §5.2, loss and gradient, any lengt
     assert a.item() == pytest.approx(b.item(), rel=1e-6) and torch.allclose(xa.grad, xb.grad)
 
 
-def test_alpha_one_is_grpo_times_a_constant():  # §5.3
+def test_alpha_one_is_grpo_times_a_constant():  # c_i ~ 1/L_i: GRPO's relative weights, a length-free gain
     lengths = [1, 9, 4, 12, 2, 7]
     x, mask = _batch(lengths, T=12)
     N, M = len(lengths), 12
@@ -111,7 +112,7 @@ def test_alpha_one_is_grpo_times_a_constant():  # §5.3
     assert torch.nn.functional.cosine_similarity(xa.grad.flatten(), xb.grad.flatten(), 0).item() == pytest.approx(1)
 
 
-def test_gain_is_length_free_only_for_delta_l_and_dr_grpo():  # §5.4, §5.10
+def test_gain_is_length_free_only_for_delta_l_and_dr_grpo():  # the paper's unbiasedness: sum_i c_i = 1/M
     M = 16
     for lengths in ([2, 2, 3, 3], [10, 14, 16, 16], [1, 16, 5, 8]):
         mask = _batch(lengths, T=16)[1]
@@ -124,13 +125,13 @@ def test_gain_is_length_free_only_for_delta_l_and_dr_grpo():  # §5.4, §5.10
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_padding_columns_change_nothing_with_a_fixed_m(mode):  # §5.7
+def test_padding_columns_change_nothing_with_a_fixed_m(mode):
     x, mask = _batch([3, 7, 1, 5], T=7)
     pad = lambda t: torch.cat([t, torch.zeros(4, 5)], 1)  # noqa: E731
     assert aggregate(pad(x), pad(mask), mode, 1.0, 16).item() == pytest.approx(aggregate(x, mask, mode, 1.0, 16).item())
 
 
-def test_regression_padded_width_as_m_breaks_padding_invariance():  # §5.7: old verl's mean over the padded tensor
+def test_regression_padded_width_as_m_breaks_padding_invariance():  # why M must be the fixed cap, not the width
     x, mask = _batch([3, 7, 1, 5], T=7)
     pad = lambda t: torch.cat([t, torch.zeros(4, 5)], 1)  # noqa: E731
     for mode in ("dr_grpo", "delta_l"):
@@ -138,7 +139,7 @@ def test_regression_padded_width_as_m_breaks_padding_invariance():  # §5.7: old
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_micro_batches_accumulate_to_the_whole_batch(mode):  # §5.8
+def test_micro_batches_accumulate_to_the_whole_batch(mode):
     torch.manual_seed(0)
     logp, old = torch.randn(6, 5), torch.randn(6, 5)
     mask = (torch.rand(6, 5) > 0.3).float()
@@ -147,14 +148,50 @@ def test_micro_batches_accumulate_to_the_whole_batch(mode):  # §5.8
     whole, _ = policy_loss(logp, old, adv, mask, agg=mode, max_len=5, alpha=0.75)
     parts = [slice(0, 2), slice(2, 5), slice(5, 6)]
     acc = sum(policy_loss(logp[s], old[s], adv[s], mask[s], agg=mode, max_len=5, alpha=0.75)[0]
-              * micro_weight(mask[s], mask, mode, 0.75) for s in parts)
+              * micro_weight(mask[s], mask, mode, alpha=0.75) for s in parts)
     assert acc.item() == pytest.approx(whole.item(), abs=1e-6)
     if mode == "delta_l":  # averaging per-micro-batch results instead is wrong (the bnpo / old-verl effect)
         naive = sum(policy_loss(logp[s], old[s], adv[s], mask[s], agg=mode, max_len=5, alpha=0.75)[0] / 3 for s in parts)
         assert naive.item() != pytest.approx(whole.item(), abs=1e-4)
 
 
-def test_advantage_scaling_equals_loss_weighting():  # §5.6: official code scales adv by w_i = N M c_i (clip included)
+@pytest.mark.parametrize("mode", MODES)
+def test_two_ranks_accumulate_to_the_whole_batch(mode):
+    """Each rank accumulates its micro-batches against the normaliser averaged over ranks, and DDP averages the
+    ranks' gradients: the result must be the whole batch's gradient, for every mode. Rank 1's responses are longer,
+    so a per-rank normaliser (the old delta_l and dapo) gives another gradient."""
+    torch.manual_seed(0)
+    lengths = [1, 2, 2, 3, 5, 5, 4, 5]  # rank 0: rows 0-3, rank 1: rows 4-7
+    mask = _batch(lengths, T=5)[1]
+    logp, old, adv = torch.randn(8, 5, requires_grad=True), torch.randn(8, 5), torch.randn(8)
+    grad = lambda loss: torch.autograd.grad(loss, logp)[0]  # noqa: E731  [8, 5]
+    whole = grad(policy_loss(logp, old, adv, mask, agg=mode, max_len=5, alpha=0.75)[0])
+    ranks = [slice(0, 4), slice(4, 8)]
+    total = sum(normaliser(mask[r], mode, 0.75) for r in ranks) / 2  # all_ranks_sum(...) / world
+
+    def ddp(total_of):  # the mean over ranks of each rank's accumulated micro-batches (of 3, then 1 rows)
+        parts = []
+        for r in ranks:
+            lp, o, a, m = logp[r], old[r], adv[r], mask[r]
+            parts += [policy_loss(lp[s], o[s], a[s], m[s], agg=mode, max_len=5, alpha=0.75)[0]
+                      * micro_weight(m[s], m, mode, 0.75, total_of(m)) / 2 for s in (slice(0, 3), slice(3, 4))]
+        return grad(sum(parts))
+
+    assert torch.allclose(ddp(lambda m: total), whole, atol=1e-7)
+    per_rank = ddp(lambda m: None)  # each rank normalised alone
+    assert torch.allclose(per_rank, whole, atol=1e-7) == (mode in ("grpo", "dr_grpo"))  # rows are equal per rank
+
+
+def test_length_metrics_hand_computed():
+    L, M = torch.tensor([1, 2, 4]), 8  # delta_l, alpha 1: c ~ 1, 1/2, 1/4 -> spread 4; gain M sum_i c_i = 1
+    assert length_metrics(L, "delta_l", 1.0, M) == pytest.approx({"loss/gain": 1.0, "policy/dl_weight_spread": 4.0})
+    assert length_metrics(L, "delta_l", 0.5, M)["policy/dl_weight_spread"] == pytest.approx(2.0)
+    assert length_metrics(L, "dr_grpo", 1.0, M)["loss/gain"] == pytest.approx(1.0)
+    assert length_metrics(L, "grpo", 1.0, M)["loss/gain"] == pytest.approx(M * (1 + 1 / 2 + 1 / 4) / 3)
+    assert length_metrics(L, "dapo", 1.0, M)["loss/gain"] == pytest.approx(M / (7 / 3))
+
+
+def test_advantage_scaling_equals_loss_weighting():  # official compute_grpo_outcome_advantage: adv * w_i = N M c_i
     torch.manual_seed(1)
     logp, old = torch.randn(6, 5) * 0.5, torch.randn(6, 5) * 0.5
     mask = (torch.rand(6, 5) > 0.4).float()
@@ -166,7 +203,7 @@ def test_advantage_scaling_equals_loss_weighting():  # §5.6: official code scal
     assert st["policy/clipfrac"] > 0 and ours.item() == pytest.approx(official.item(), abs=1e-6)
 
 
-def test_zero_advantage_rows_still_enter_the_normaliser():  # §5.11: batch scope, as the official (non-DAPO) runs
+def test_zero_advantage_rows_still_enter_the_normaliser():  # official code: every row's length, whatever its adv
     logp, old, mask = torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     adv = torch.tensor([1.0, 0.0, -1.0])  # ratio 1: token loss -adv; row sums -2, 0, 1
     loss, _ = policy_loss(logp, old, adv, mask, agg="delta_l", max_len=4)
@@ -174,7 +211,7 @@ def test_zero_advantage_rows_still_enter_the_normaliser():  # §5.11: batch scop
     assert loss.item() == pytest.approx((-2 * (1 / 2) + 1 * 1) / (4 * S))
 
 
-def test_cv_ordering_on_synthetic_gradients():  # §5.9: g_i = mu + sqrt(V L_i) xi_i, CV against the true mean
+def test_cv_ordering_on_synthetic_gradients():  # g_i = mu + sqrt(V L_i) xi_i (Var ~ L), CV against the true mean
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(20, 4000, (16,), generator=g).tolist()
     mask, M, d = _batch(lengths, T=4000)[1], 4096, 256
@@ -217,3 +254,40 @@ def test_delta_l_smoke(tiny_cache, tmp_path):
     assert all(r["loss/gain"] == pytest.approx(1.0, rel=1e-5) for r in steps)  # delta_l: M sum_i c_i = 1
     assert all(r["policy/dl_weight_spread"] >= 1 for r in steps)
     assert "eval/pass@1" in steps[-1] and (tmp_path / "final" / "config.json").exists()
+
+
+MULTI = ["--group_size", "4", "--prompts_per_step", "8", "--micro_batch_size", "3", "--temperature", "1.6",
+         "--max_steps", "3", "--eval_every", "0", "--eval_prompts", "8", "--eval_samples", "2", "--mini_batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_cache, tmp_path_factory):
+    d = tmp_path_factory.mktemp("one_process")
+    p = run_script("delta_l.py", *MULTI, "--output_dir", str(d))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_compute_what_one_process_does(one_process_run, tmp_path, mode):
+    """2 gloo ranks (DDP, or FSDP2 shards) against 1 process on the same rows, default delta_l aggregation: the
+    same rewards, gradient norms and weights. At temperature 1.6 the response lengths differ between rows and
+    ranks, so the weights c_i are unequal (spread > 1) and each rank's sum_j L_j^(-alpha) differs from the other's:
+    a per-rank normaliser (as before) gives other gradients. The logged gain and spread are global as well."""
+    extra = ["--fsdp", "true"] if mode == "fsdp" else []
+    p = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "delta_l.py", *MULTI,
+                   *extra, "--output_dir", str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    one, two = records(one_process_run)[1:], records(tmp_path)[1:]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    assert len({r["response/len"] for r in one}) > 1 and any(r["perf/grad_norm"] > 0.1 for r in one)  # a real test
+    assert all(r["policy/dl_weight_spread"] > 1 for r in one)  # Delta-L's weights really differ between rows
+    for a, b in zip(one, two):
+        assert a["reward/mean"] == b["reward/mean"] and a["response/len"] == b["response/len"]  # the same rollouts
+        assert b["perf/grad_norm"] == pytest.approx(a["perf/grad_norm"], rel=1e-4)
+        assert b["policy/dl_weight_spread"] == pytest.approx(a["policy/dl_weight_spread"], rel=1e-6)  # global
+        assert b["loss/gain"] == pytest.approx(1.0, rel=1e-5)
+    wa = torch.load(one_process_run / "checkpoint.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # lr 3e-4: a wrong gradient moves 1e-4+
+    assert (tmp_path / "final" / "model.safetensors").exists()

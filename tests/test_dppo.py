@@ -1,10 +1,13 @@
-"""DPPO (dppo.py): the properties of ../shared/specs/dppo.md §6 on hand-computed micro-examples, plus a smoke run."""
+"""DPPO (dppo.py, arXiv 2602.04879) on hand-computed micro-examples: the mask of Eq. 12, the binary and top-K
+estimators of Eq. 13-16 and their lower-bound order (App. B), the truncated-IS gradient of Eq. 23; then the script:
+a smoke run, and 2 ranks (DDP, FSDP2) against 1 process on the same rows."""
 import inspect
+import json
 import math
 
 import pytest
 import torch
-from conftest import records, run_script, SMALL
+from conftest import ROOT, records, run_script, SMALL
 
 import common
 import dppo
@@ -32,7 +35,7 @@ def test_interface_the_issue_names():
         "tiny", 4, False, "seq-mean-token-sum-norm", "binary_tv", 5.0, 20, "runs/dppo")
 
 
-# ---- §6.1 / §6.2: pi == mu ----------------------------------------------------------------------------------------
+# ---- pi == mu: D = 0, nothing cut, the REINFORCE gradient (Eq. 23 with r = 1, M = 1) ------------------------------
 def _full(B=3, T=4, V=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     lmu = torch.log_softmax(torch.randn(B, T, V, generator=g) * 2, -1)  # [B, T, V]
@@ -59,7 +62,7 @@ def test_pi_equals_mu_nothing_masked_and_reinforce_gradient(kind):
     assert torch.allclose(logp.grad, ref.grad, atol=1e-7)
 
 
-# ---- §6.3 / §6.9: zero gradient exactly on the cut tokens, none through mu ----------------------------------------
+# ---- the gate (Eq. 12): zero gradient exactly on the cut tokens, none through mu ----------------------------------
 def test_zero_logit_gradient_exactly_where_the_rule_masks():
     # 2 sequences x 3 tokens over V = 3; the sampled token is id 0 everywhere, mu(0) = 0.5
     p = torch.tensor([[0.9, 0.55, 0.2], [0.1, 0.45, 0.9]])  # pi(0): A>0: TV .4 cut, .05 kept, back-move kept
@@ -92,7 +95,7 @@ def test_no_gradient_through_mu_gate_or_weight_and_none_from_padding_or_zero_adv
     assert logp.grad[1, 3] == 0 and (logp.grad[2] == 0).all()  # padding, A = 0
 
 
-# ---- §6.4 / §6.10: moves back toward mu are never cut -------------------------------------------------------------
+# ---- moves back toward mu are never cut (Sec. 4.3), and what binary TV can never cut ------------------------------
 @pytest.mark.parametrize("kind", KINDS[:2])
 def test_moves_back_toward_mu_never_masked(kind):
     old, logp = lg([[0.95], [0.05]]), lg([[0.05], [0.95]])  # TV 0.9 each way
@@ -112,7 +115,7 @@ def test_binary_tv_cannot_cut_negatives_below_delta_or_positives_above_one_minus
     assert not trust_region_mask(divergence(p.log(), old), p / 0.5, torch.tensor([1.0]), 0.15, 0.15).all()
 
 
-# ---- §6.5 / §6.6: the spec's numeric examples, and PPO's gate as a special case -----------------------------------
+# ---- the paper's rare / dominant token example (Sec. 4.2), and PPO's gate as the D = |r - 1| case (Sec. 4.3) ------
 def test_rare_and_dominant_token_examples():
     ones = torch.ones(1, 1)
     # rare, A>0: m=1e-4 -> p=1e-2, r=100
@@ -153,7 +156,7 @@ def test_ratio_divergence_gives_grpo_clip_gate_bit_for_bit():
     assert 0.1 < st["policy/clipfrac"] == pytest.approx(1 - gate.mean().item())
 
 
-# ---- §6.7: binary <= top-K <= exact, and the top-K union without double counting ----------------------------------
+# ---- binary <= top-K <= exact (App. B), and the top-K set TopK(mu) | {y} (Sec. 4.4) without double counting -------
 def _dists(B=64, T=3, V=12, seed=0):
     lmu, y = _full(B, T, V, seed)
     lpi = torch.log_softmax(lmu + torch.randn(B, T, V, generator=torch.Generator().manual_seed(seed + 1)), -1)
@@ -200,7 +203,7 @@ def test_sampled_token_slot_counts_once():
             assert d[b, t].item() == pytest.approx(ref.item(), abs=1e-6)
 
 
-# ---- §6.8: the truncated importance weight ------------------------------------------------------------------------
+# ---- the truncated importance weight min(r, C) of Eq. 23 ----------------------------------------------------------
 @pytest.mark.parametrize("is_cap,w", [(5.0, 5.0), (float("inf"), 10.0)])
 def test_weight_is_min_ratio_cap_not_zero(is_cap, w):
     # token 1: r = 10 with A < 0 moves back toward mu (never cut); token 2: r = 2 (TV .1 < .15)
@@ -216,7 +219,9 @@ def test_weight_is_min_ratio_cap_not_zero(is_cap, w):
 def test_behaviour_topk_from_the_sampler_matches_the_trainer(tok, rand_model):
     train, _ = common.load_task("countdown")
     prompts = common.encode_prompts(tok, train[:3])
-    s = common.HFSampler(tok).generate(rand_model, prompts, 2, 6, temperature=0.8, seed=0, topk=5)
+    seeds = common.stream_seeds((0,), len(prompts))
+    s = common.HFSampler(tok, common.stop_ids(tok, rand_model)).generate(rand_model, prompts, 2, 6, temperature=0.8,
+                                                                         seeds=seeds, topk=5)
     batch = common.collate(s, tok.pad_token_id, "cpu")
     with torch.no_grad():
         out = common.token_logprobs(rand_model, batch, 0.8, extra_ids=batch["topk_ids"])
@@ -225,7 +230,10 @@ def test_behaviour_topk_from_the_sampler_matches_the_trainer(tok, rand_model):
     for kind in KINDS:
         d = divergence(out["logp"], batch["old_logp"], kind, tk_mu, tk_pi)  # [B, T]
         assert (d * batch["mask"]).abs().max() < 1e-4, kind  # theta == theta': only numerical mismatch
-    assert (batch["mask"] * (tk_mu[..., 5] > -math.inf)).sum() > 0  # some sampled tokens outside the top-5
+    outside = (batch["mask"] > 0) & (tk_mu[..., 5] > -math.inf)  # [B, T] sampled tokens outside the top-5
+    assert outside.any()
+    # the top-5 of the very distribution sampled (softmax(logits / 0.8)): nothing outside it is likelier than the 5th
+    assert (batch["old_logp"][outside] <= batch["topk_old_logp"][..., -1][outside] + 1e-6).all()
 
 
 # ---- the script ---------------------------------------------------------------------------------------------------
@@ -248,3 +256,67 @@ def test_dppo_smoke(tiny_cache, tmp_path, extra):
     assert "eval/pass@1" in steps[1] and "eval/pass@1" in steps[2] and "eval/pass@1" not in steps[0]
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "final" / "config.json").exists()
     assert "masked" in p.stderr + p.stdout
+
+
+# ---- several ranks: 2 gloo ranks compute what 1 process does on the same rows -------------------------------------
+# One rollout batch, two passes over it in one mini-batch each (--mini_batches 1: with N ranks a mini-batch of several
+# is a slice of each rank's own rows, so its rows could not match one process's). The second optimizer step starts
+# away from the rollout weights, so with delta 0.02 the gate cuts tokens; temperature 1.6 makes the two ranks'
+# response lengths differ (so the Dr. GRPO normalizer must not depend on a rank's longest response).
+MULTI = ["--group_size", "4", "--prompts_per_step", "8", "--micro_batch_size", "3", "--temperature", "1.6",
+         "--mini_batches", "1", "--epochs", "2", "--delta", "0.02", "--max_steps", "3", "--eval_every", "0",
+         "--eval_prompts", "8", "--eval_samples", "2", "--log_examples_every", "0"]
+
+PER_RANK = """import json, os, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import torch
+from transformers import HfArgumentParser
+import dppo
+
+mine, mean = [], dppo.all_ranks_mean
+def recording(values, weight=1.0):  # keep this rank's step record, before the mean over ranks
+    if "policy/masked_frac" in values:
+        mine.append(dict(values))
+    return mean(values, weight)
+dppo.all_ranks_mean = recording
+args = HfArgumentParser(dppo.Args).parse_args_into_dataclasses()[0]
+dppo.main(args)
+Path(args.output_dir, f"rank{{torch.distributed.get_rank()}}.json").write_text(json.dumps(mine))
+torch.distributed.barrier()  # as dppo.py's __main__: leave together, skip gloo's teardown
+os._exit(0)
+"""
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_cache, tmp_path_factory):
+    d = tmp_path_factory.mktemp("one_process")
+    p = run_script("dppo.py", *MULTI, "--output_dir", str(d))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_compute_what_one_process_does(one_process_run, tmp_path, mode):
+    """2 gloo ranks (DDP, or FSDP2 shards) against 1 process on the same rows: the same rewards, gradient norms and
+    weights, with the gate cutting tokens on each rank and the ranks' response lengths differing. dppo.py runs
+    through a wrapper that keeps each rank's own step record (the metrics file holds their mean)."""
+    (tmp_path / "per_rank.py").write_text(PER_RANK.format(root=str(ROOT)))
+    extra = ["--fsdp", "true"] if mode == "fsdp" else []
+    p = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   str(tmp_path / "per_rank.py"), *MULTI, *extra, "--output_dir", str(tmp_path / "run"), timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    one, two = records(one_process_run)[1:], records(tmp_path / "run")[1:]
+    ranks = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["step"] for r in two] == [1, 2, 3] and [len(r) for r in ranks] == [3, 3]
+    # a real test: the gate acts on both ranks, the ranks' responses differ in length, the gradient is not tiny
+    assert all(max(s["policy/masked_frac"] for s in r) > 0 for r in ranks), ranks
+    assert any(a["response/len"] != b["response/len"] for a, b in zip(*ranks))
+    assert all(r["perf/grad_norm"] > 0.01 for r in one)  # small: Dr. GRPO divides by B * max_new_tokens
+    for a, b in zip(one, two):
+        assert a["reward/mean"] == b["reward/mean"] and a["response/len"] == b["response/len"]  # the same rollouts
+        assert b["perf/grad_norm"] == pytest.approx(a["perf/grad_norm"], rel=1e-4)
+    wa = torch.load(one_process_run / "checkpoint.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # lr 3e-4: a wrong gradient moves 1e-4+
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()

@@ -23,3 +23,17 @@ def test_readme_line_counts_are_current():
     assert sorted(n for n, _ in rows) == sorted(TRAINERS)
     for name, count in rows:
         assert len((ROOT / f"{name}.py").read_text().splitlines()) == int(count), name
+
+
+def test_no_py_file_cites_a_document_outside_the_repository():
+    """A reader of a forked file has only the repository: every markdown file a .py file names must exist in it (at
+    the root or in docs/), and no file points into the design notes that live beside the repository."""
+    outside = "shared" + "/specs"  # split so that this file does not match itself
+    bad = []
+    for f in sorted([*ROOT.glob("*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("tests/*.py")]):
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            names = [m for m in re.findall(r"[\w./-]+\.md\b", line)
+                     if not (ROOT / m).exists() and not (ROOT / "docs" / m).exists()]
+            if names or outside in line:
+                bad.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
+    assert not bad, "\n".join(bad)

@@ -1,4 +1,5 @@
-"""rl_plus.py: the spec's §7 properties on hand-computed micro-examples, then the script itself end to end."""
+"""rl_plus.py: the RL-PLUS loss (arXiv 2508.00222) as its official code computes it (github.com/YihongDong/RL-PLUS,
+rlplus_core_alg.compute_token_on_off_policy_loss), on hand-computed micro-examples; then the script end to end."""
 import math
 
 import pytest
@@ -22,7 +23,7 @@ def one_token(p_theta, p_old, adv, external=True, **kw):
     return loss.item(), logp.grad.item(), old.grad, st
 
 
-# ---- §7.1-7.4: MIS weight and exploration factor on one external token ------------------------------------------
+# ---- Multiple Importance Sampling weight and exploration factor on one external token ----------------------------
 @pytest.mark.parametrize("p,mis", [(0.2, 0.5), (1.0, 1.0), (0.01, 0.01 / (0.0075 + 0.25))])
 def test_mis_weight_code_form(p, mis):
     loss, _, _, st = one_token(p, p, 1.0, gamma=0.0)  # gamma 0: C = 1, so l = -r^m
@@ -45,26 +46,27 @@ def test_mis_gradient_and_detached_denominator():
 
 
 def test_eaf_value_and_stop_gradient():
-    loss, g, _, st = one_token(0.2, 0.2, 0.5)  # spec §7.3-7.4: weight 0.5, factor 0.894427, A 0.5
+    loss, g, _, st = one_token(0.2, 0.2, 0.5)  # r^m = 0.2 / (0.15 + 0.25) = 0.5, C = 0.8^0.5 = 0.894427, A = 0.5
     assert st["policy/eaf"] == pytest.approx(0.894427, abs=1e-6)
     assert loss == pytest.approx(-0.223607, abs=1e-6)
     assert g == pytest.approx(-0.223607, abs=1e-6)  # = -r^m A C: no extra term from differentiating C
 
 
 def test_combined_weight_peaks_inside():
-    # spec §4: w(p) = p / (0.75p + 0.25) * (1-p)^0.5 is 0 at both ends, about 0.568 near p = 0.457, 0.17 at 0.05
+    # w(p) = p / (0.75p + 0.25) * (1-p)^0.5 at theta_old is 0 at both ends, about 0.568 near p = 0.457, 0.17 at 0.05:
+    # the least likely external tokens are damped, not amplified
     w = lambda p: -one_token(p, p, 1.0)[0]  # noqa: E731
     assert w(1.0) == 0 and w(0.457) == pytest.approx(0.568, abs=1e-3) and w(0.05) == pytest.approx(0.17, abs=5e-3)
 
 
-# ---- §7.5-7.6, 7.10: advantages over the mixed group -------------------------------------------------------------
+# ---- advantages over the mixed group: G-1 rollouts + 1 external, mean-centred over all G -------------------------
 def test_advantage_includes_the_external_response():
     reward = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 1])  # 7 rollouts, one correct, + a correct external solution
     adv = group_advantages(reward, 8, scale_std=False)
     assert torch.allclose(adv, torch.tensor([.75, -.25, -.25, -.25, -.25, -.25, -.25, .75]))
     split = reward[:7] - reward[:7].mean()  # the bug to catch: a baseline from the on-policy rollouts only
     assert not torch.allclose(adv[:7], split)
-    std = group_advantages(reward, 8, scale_std=True)  # the paper's form (§8.2)
+    std = group_advantages(reward, 8, scale_std=True)  # the paper's form; the code runs grpo_use_std=False
     assert std[0].item() == pytest.approx(1.6202, abs=1e-4) and std[1].item() == pytest.approx(-0.5401, abs=1e-4)
     assert rl_plus.Args().scale_std is False and rl_plus.Args().gamma == 0.5 and rl_plus.Args().mis_u == 1.0
 
@@ -77,7 +79,7 @@ def test_all_equal_rewards_give_exactly_zero_gradient():
     assert torch.equal(adv, torch.zeros(4)) and torch.equal(logp.grad, torch.zeros(4, 3))
 
 
-# ---- §7.7-7.9: no clipping, disjoint masks, aggregation ----------------------------------------------------------
+# ---- no clipping, disjoint masks, aggregation ------------------------------------------------------------------
 def test_no_clipping_anywhere():
     assert one_token(0.75, 0.5, 1.0, external=False)[0] == pytest.approx(-1.5)  # rho 1.5: not clipped to 1.2
     assert one_token(0.75, 0.5, 1.0, external=False, eps_low=0.2, eps_high=0.2)[0] == pytest.approx(-1.2)  # ablation
@@ -98,7 +100,7 @@ def test_internal_and_external_tokens_get_their_own_terms():
     loss, _ = rl_plus_loss(logp, old, adv, mask, is_ext, max_len=4)
     internal = -0.5 * (0.6 / 0.4 + 0.3 / 0.3)  # rho only, no MIS/EAF
     external = sum(1.0 * p / (0.75 * q + 0.25) * (1 - p) ** 0.5 for p, q in [(0.2, 0.5), (0.8, 0.8), (0.4, 0.1)])
-    assert loss.item() == pytest.approx((internal + external) / (2 * 4), abs=1e-6)  # A < 0 still gets C (§8.9)
+    assert loss.item() == pytest.approx((internal + external) / (2 * 4), abs=1e-6)  # A < 0 still gets C, as in the code
     loss.backward()
     assert logp.grad[0, 2] == 0 and logp.grad[1, 2] != 0  # pad: nothing; external eos: an external token
     bumped = logp.detach().clone()
@@ -129,7 +131,7 @@ def test_without_external_it_is_unclipped_mean_centred_grpo():
     assert ours.item() == pytest.approx(ref.item(), abs=1e-6)
 
 
-# ---- §2, 7.10: external data and the group layout ----------------------------------------------------------------
+# ---- external data and the group layout ------------------------------------------------------------------------
 def test_group_layout_one_external_last(tok):
     examples = common.load_task("countdown:4")[0][:3]
     prompts = common.encode_prompts(tok, examples)
@@ -170,7 +172,7 @@ def test_missing_or_long_solutions(tok, capsys):
 # ---- the script -------------------------------------------------------------------------------------------------
 def test_importing_rl_plus_starts_nothing():
     assert hasattr(rl_plus, "main") and rl_plus.Args().output_dir == "runs/rl_plus"
-    assert rl_plus.Args().beta == 0 and rl_plus.Args().ent_coef == 0.001  # no KL, no reference model (§5)
+    assert rl_plus.Args().beta == 0 and rl_plus.Args().ent_coef == 0.001  # no KL, no reference model, as the code
 
 
 def test_rl_plus_smoke(tiny_cache, tmp_path):
@@ -190,3 +192,64 @@ def test_rl_plus_smoke(tiny_cache, tmp_path):
         assert r["policy/external_prob"] < r["policy/mis_weight"] <= 1 and 0 <= r["policy/eaf"] <= 1
     assert "eval/pass@1" in steps[1] and "eval/pass@1" in steps[2] and "eval/pass@1" not in steps[0]
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "final" / "config.json").exists()
+
+
+
+def test_p_old_pass_runs_by_micro_batch(tiny_cache, tmp_path, monkeypatch):
+    """Regression: the no-grad p_old pass over the external rows ran them all in one forward, whatever
+    --micro_batch_size, so its memory was not bounded by the micro-batch."""
+    calls, real = [], rl_plus.token_logprobs_nograd
+
+    def spy(model, batch, micro_batch_size=0, **kw):
+        calls.append((batch["mask"].shape[0], micro_batch_size))
+        return real(model, batch, micro_batch_size, **kw)
+
+    monkeypatch.setattr(rl_plus, "token_logprobs_nograd", spy)
+    rl_plus.main(rl_plus.Args(output_dir=str(tmp_path), max_steps=1, prompts_per_step=4, group_size=4,
+                              micro_batch_size=2, eval_every=0, eval_prompts=4, eval_samples=2, log_examples_every=0))
+    assert calls == [(4, 2)]  # the step's 4 external rows, 2 at a time
+    assert records(tmp_path)[-1]["policy/ratio"] == pytest.approx(1.0, abs=1e-4)  # p_old = theta_old's log-probs
+
+# G = 5: 4 rollouts + 1 external, so each rank's on-policy means run over 16 rows and average exactly over the ranks.
+# Temperature 1.6: the rollouts are mostly wrong and of different lengths on the two ranks, while every external
+# solution scores 1, so the external rows carry a positive advantage on both ranks. Entropy bonus 0.01 (10x the
+# default): enough that its normaliser, which must count every rank's tokens, shows in the gradient norm itself.
+MULTI = ["--group_size", "5", "--prompts_per_step", "8", "--micro_batch_size", "3", "--mini_batches", "1",
+         "--temperature", "1.6", "--ent_coef", "0.01", "--max_steps", "3", "--eval_every", "0", "--eval_prompts", "8",
+         "--eval_samples", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_cache, tmp_path_factory):
+    d = tmp_path_factory.mktemp("one_process")
+    p = run_script("rl_plus.py", *MULTI, "--output_dir", str(d))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_compute_what_one_process_does(one_process_run, tmp_path, mode):
+    """2 gloo ranks (DDP, or FSDP2 shards) against 1 process on the same rows: the same rewards, gradient norms and
+    weights. What must span the ranks: the entropy bonus's token-mean H_bar (its normaliser is every rank's token
+    count: response lengths differ between the ranks) and the loss's N in sum / (N * L_max) (the mini-batch's rows
+    over all ranks; L_max is the constant max_new). The external rows' p_old pass runs by micro-batch of 3."""
+    extra = ["--fsdp", "true"] if mode == "fsdp" else []
+    p = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "rl_plus.py", *MULTI,
+                   *extra, "--output_dir", str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    one, two = records(one_process_run)[1:], records(tmp_path)[1:]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    assert len({r["response/len"] for r in one}) > 1 and all(r["perf/grad_norm"] > 0.05 for r in one)  # real
+    for r in one:  # RL-PLUS itself at work on both ranks: every external solution is right, and fewer than half the
+        # groups (a rank holds 4 of the 8) have equal rewards, so each rank holds external rows with advantage > 0
+        assert r["reward/external"] == 1.0 and r["reward/zero_std_groups"] < 0.5
+        assert r["policy/mis_weight"] > 0 and r["policy/eaf"] > 0
+        assert r["policy/ratio"] == pytest.approx(1.0, abs=1e-4)  # the micro-batched p_old pass is theta_old's
+    for a, b in zip(one, two):
+        for k in ["reward/mean", "response/len", "reward/external", "reward/zero_std_groups"]:
+            assert a[k] == b[k], k  # the same rollouts, groups and external rows
+        assert b["perf/grad_norm"] == pytest.approx(a["perf/grad_norm"], rel=1e-4)
+    wa = torch.load(one_process_run / "checkpoint.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # lr 3e-4: a wrong gradient moves 1e-4+
+    assert (tmp_path / "final" / "model.safetensors").exists()

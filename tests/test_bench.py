@@ -1,0 +1,16 @@
+"""The benchmarks that stand in for a GPU: what of them can run on a CPU, runs."""
+import json
+
+import pytest
+from conftest import run_script
+
+
+def test_gpu_check_runs_on_the_cpu_at_toy_size(tmp_path):
+    """bench/gpu_check.py end to end (stand-in build, GRPO steps through grpo.main, the figures) at toy sizes."""
+    p = run_script("bench/gpu_check.py", "--device", "cpu", "--small", "--json", str(tmp_path / "f.json"), timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    fig = json.loads((tmp_path / "f.json").read_text())
+    assert fig["steps_timed"] >= 1 and fig["sample_tokens_per_s"] > 0 and fig["train_tokens_per_s"] > 0
+    assert fig["first_step_ratio"] == pytest.approx(1, abs=1e-3)  # bf16 sampler vs bf16 trainer
+    assert fig["gap_max"] < 0.1 and fig["weights_grads_adam_gb"] == pytest.approx(16 * fig["params"] / 2**30)
+    assert "| sample_tokens_per_s |" in p.stdout
