@@ -1,16 +1,17 @@
-"""lp_reg.py: the min-p proxy, the token selection and the loss on hand-computed micro-examples and naive references
-(shared/specs/lp_reg.md §6), then the script itself for a few steps."""
+"""lp_reg.py: the min-p proxy (arXiv 2510.03222 Eq. 5), the token selection and the loss (Eq. 6, in the official
+code's form compute_policy_loss_lp_reg) on hand-computed micro-examples and naive references, then the script itself:
+a few steps, and 2 ranks against 1 process."""
 import json
 import math
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import records, run_script
 
 import common
 import grpo
 import lp_reg
-from lp_reg import full_proxy_kl, k3, lp_reg_loss, minp_proxy_logp, proxy_logprobs, select_tokens
+from lp_reg import full_proxy_kl, k3, lp_reg_loss, micro_weight, minp_proxy_logp, proxy_logprobs, select_tokens
 
 
 def _all_tokens(logits, kappa):
@@ -19,7 +20,7 @@ def _all_tokens(logits, kappa):
     return torch.stack([minp_proxy_logp(logits, torch.full((N,), v), kappa) for v in range(V)], -1)
 
 
-# ---- the proxy (§6.1, §6.2) ------------------------------------------------------------------------------------------
+# ---- the proxy (Eq. 5) -----------------------------------------------------------------------------------------------
 def test_proxy_sums_to_one_and_is_zero_exactly_below_the_threshold():
     torch.manual_seed(0)
     logits = torch.randn(64, 11) * 3
@@ -34,7 +35,7 @@ def test_proxy_sums_to_one_and_is_zero_exactly_below_the_threshold():
     ratio = torch.where(below, torch.nan, prox / p)  # 1 / Z on every kept token
     z = torch.where(below, 0.0, p).sum(-1, keepdim=True)
     assert torch.allclose(torch.nan_to_num(ratio, nan=0.0), torch.where(below, 0.0, 1 / z).expand_as(p), atol=1e-4)
-    # §6.2: log pi_proxy = log p - log Z for kept sampled tokens
+    # log pi_proxy = log p - log Z for kept sampled tokens
     assert torch.allclose(lp[~below], (torch.log(p) - torch.log(z)).expand_as(p)[~below], atol=1e-5)
 
 
@@ -49,12 +50,14 @@ def test_proxy_limits_of_kappa():
     assert torch.allclose(tie, torch.tensor([[0.5, 0.5, 0.0]]))
 
 
-def test_proxy_logprobs_chunked_matches_full_vocab_reference_without_grad(tok, rand_model):
+def test_proxy_logprobs_chunked_and_micro_batched_matches_full_vocab_reference_without_grad(tok, rand_model):
     samples = common.Samples([[1, 5, 6], [1, 7]] * 2, [[3, 4, 8, 9], [5, 2], [6], [7, 7, 3]], [[0.0] * 4, [0.0] * 2,
                              [0.0], [0.0] * 3], ["stop"] * 4)
     batch = common.collate(samples, tok.pad_token_id, "cpu")
     ids_before = batch["input_ids"].clone()
     out = proxy_logprobs(rand_model, batch, temperature=0.7, kappa=0.05, chunk_size=3)["proxy_logp"]  # [B, T]
+    per_row = proxy_logprobs(rand_model, batch, 1, temperature=0.7, kappa=0.05, chunk_size=3)["proxy_logp"]
+    assert torch.allclose(per_row, out, atol=1e-5)  # --micro_batch_size rows per forward: the same values
     assert not out.requires_grad and torch.equal(batch["input_ids"], ids_before)
     pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     logits = rand_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos).logits
@@ -63,11 +66,11 @@ def test_proxy_logprobs_chunked_matches_full_vocab_reference_without_grad(tok, r
     ref = minp_proxy_logp(logits.reshape(-1, logits.shape[-1]), batch["response_ids"].reshape(-1), 0.05)
     ref = ref.reshape(out.shape) * batch["mask"]
     assert torch.allclose(out, ref, atol=1e-4) and (out[batch["mask"] == 0] == 0).all()
-    full = proxy_logprobs(rand_model, batch, 0.7, 0.05, chunk_size=512, full_k=5)
+    full = proxy_logprobs(rand_model, batch, 3, 0.7, 0.05, chunk_size=512, full_k=5)
     assert torch.allclose(full["proxy_logp"], out, atol=1e-5) and full["proxy_ids"].shape == (4, T, 5)
 
 
-# ---- selection (§6.3, §6.9) ---------------------------------------------------------------------------------------
+# ---- selection -------------------------------------------------------------------------------------------------------
 def _sel_toy():
     # 3 sequences x 4 tokens; sequence 1 has positive advantage, sequence 2 has 3 real tokens
     logp = torch.log(torch.tensor([[0.9, 0.05, 0.5, 0.2], [0.01, 0.02, 0.9, 0.9], [0.3, 0.1, 0.6, 0.001]]))
@@ -85,9 +88,40 @@ def test_select_takes_lowest_negative_valid_tokens():
     expect[0, 1] = expect[2, 1] = True
     assert torch.equal(sel, expect)
     assert select_tokens(logp, adv, mask, rho=0.45).sum() == 3  # floor(3.15) = 3: adds 0.2
-    assert not select_tokens(logp, adv, mask, rho=0.2).any()  # k = floor(1.4) = 1 <= 1: nothing (A6)
+    assert not select_tokens(logp, adv, mask, rho=0.2).any()  # k = floor(1.4) = 1 <= 1: nothing (the code's rule)
     assert not select_tokens(logp, torch.tensor([0.0, 1.0, 0.0]), mask, rho=1.0).any()  # A = 0 is not negative
-    assert torch.equal(select_tokens(logp, adv * 7.3, mask, 0.3), sel)  # §6.9: invariant to advantage scale
+    assert torch.equal(select_tokens(logp, adv * 7.3, mask, 0.3), sel)  # invariant to the advantage scale
+
+
+def test_tokens_tied_with_the_kth_smallest_are_all_selected():
+    """A tie is the same token after the same prefix in two samples of a group: all of them or none, so that S does
+    not depend on the order rows come in (the code's topk would take an arbitrary one)."""
+    logp = torch.tensor([[-5.0, -3.0, -1.0], [-3.0, -0.5, -0.2], [-3.0, -0.1, -2.0]])
+    adv, mask = -torch.ones(3), torch.ones(3, 3)
+    sel = select_tokens(logp, adv, mask, rho=0.25)  # k = floor(2.25) = 2: -5 and the three -3
+    assert torch.equal(sel, logp <= -3.0) and sel.sum() == 4
+    assert torch.equal(select_tokens(logp, adv, mask, rho=0.25, across_ranks=True), sel)  # one process: the same
+
+
+def test_selection_across_ranks_is_the_selection_over_the_whole_mini_batch(monkeypatch):
+    """Each rank's share of a mini-batch, with N summed and the k smallest gathered over the ranks (faked here for
+    rank 0 of 2), selects exactly the whole mini-batch's S on its rows; per rank it would not."""
+    torch.manual_seed(3)
+    logp = torch.log(torch.rand(8, 20))
+    logp[:4] -= 2.0  # rank 0 holds most of the lowest tokens
+    mask = (torch.rand(8, 20) > 0.3).float()
+    adv = torch.tensor([-1.0, 0.5, -0.3, -2.0, -1.0, 1.0, -0.7, -0.2])
+    whole = select_tokens(logp, adv, mask, rho=0.1)
+    mine, other = slice(0, 4), slice(4, 8)
+    k = int(0.1 * ((mask > 0) & (adv[:, None] < 0)).sum().item())
+    other_neg = ((mask[other] > 0) & (adv[other, None] < 0)).sum()
+    other_low = logp[other].masked_fill(~((mask[other] > 0) & (adv[other, None] < 0)), float("inf")).reshape(-1)
+    other_low = other_low.topk(k, largest=False).values  # what rank 1 sends
+    monkeypatch.setattr(lp_reg, "all_ranks_sum", lambda x: x + other_neg)
+    monkeypatch.setattr(lp_reg, "all_ranks_cat", lambda x: torch.cat([x, other_low]))
+    assert k >= 2 and whole[mine].sum() > 0
+    assert torch.equal(select_tokens(logp[mine], adv[mine], mask[mine], 0.1, across_ranks=True), whole[mine])
+    assert not torch.equal(select_tokens(logp[mine], adv[mine], mask[mine], 0.1), whole[mine])  # per rank: other S
 
 
 def test_mask_skips_noise_and_tokens_already_above_the_proxy():
@@ -101,7 +135,7 @@ def test_mask_skips_noise_and_tokens_already_above_the_proxy():
     assert st["policy/lp_selected"] == 0  # k <= 1
 
 
-# ---- the loss (§6.4 - §6.7) ---------------------------------------------------------------------------------------
+# ---- the loss --------------------------------------------------------------------------------------------------------
 def _loss_toy(seed=0):
     torch.manual_seed(seed)
     B, T = 6, 50
@@ -150,8 +184,8 @@ def test_per_token_gradient_formula_and_token_mean_scale():
     ratio = torch.exp(logp - old)
     d = proxy - logp
     a = adv[:, None].expand_as(logp)
-    reg = torch.where(d < 2.6109, beta * (1 - torch.exp(d)), 0.0)  # §6.6: the k3 clamp stops the gradient
-    expect = torch.where(sel, (-a * ratio + reg) / n, g0)  # §6.5 and §6.7: divided by all valid tokens, not |S|
+    reg = torch.where(d < 2.6109, beta * (1 - torch.exp(d)), 0.0)  # the k3 clamp at 10 stops the gradient
+    expect = torch.where(sel, (-a * ratio + reg) / n, g0)  # divided by all valid tokens (Eq. 6), not by |S|
     assert torch.allclose(g, expect, atol=1e-7)
     assert (sel & (d > 2.62)).any() and (sel & (d < 2.6)).any()
 
@@ -166,7 +200,8 @@ def test_k3_is_nonnegative_and_zero_only_at_equality():
 
 
 def test_sampled_k3_expected_gradient_is_the_forward_kl_gradient():
-    """§6.8: E_{o ~ pi_theta}[grad_z k3(o)] = pi_theta - pi_proxy (exact enumeration over a 6-token vocabulary)."""
+    """E_{o ~ pi_theta}[grad_z k3(o)] = pi_theta - pi_proxy, the gradient of Eq. 6's forward KL(pi_proxy || pi_theta):
+    the code's sampled k3 is the paper's KL in expectation (exact enumeration over a 6-token vocabulary)."""
     z = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0, -4.5], dtype=torch.float64)
     pi = torch.softmax(z, -1)
     prox_lp = _all_tokens(z[None], 0.02)[0]
@@ -195,11 +230,11 @@ def test_mini_batch_selection_accumulates_over_micro_batches():
     whole, _ = lp_reg_loss(logp, old, proxy, adv, mask, rho=0.1)
     sel = select_tokens(logp, adv, mask, 0.1)
     parts = sum(lp_reg_loss(logp[s], old[s], proxy[s], adv[s], mask[s], select=sel[s])[0]
-                * grpo.micro_weight(mask[s], mask, "token-mean") for s in (slice(0, 2), slice(2, 6)))
+                * micro_weight(mask[s], mask, "token-mean") for s in (slice(0, 2), slice(2, 6)))
     assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
 
 
-# ---- the script ---------------------------------------------------------------------------------------------------
+# ---- the script ------------------------------------------------------------------------------------------------------
 def test_importing_lp_reg_starts_nothing():
     a = lp_reg.Args()
     assert hasattr(lp_reg, "main") and a.model == "tiny" and a.output_dir == "runs/lp_reg"
@@ -219,6 +254,44 @@ def test_lp_reg_smoke(tiny_cache, tmp_path):
     assert all(r["policy/lp_selected"] <= r["policy/lp_candidates"] for r in steps)
     assert any(r["policy/lp_candidates"] > 0 for r in steps)
     assert "eval/pass@16" in steps[-1] and "|S|" in p.stdout + p.stderr
+
+
+# Settings where Lp-Reg acts on both ranks at every step: the 32 responses hold ~60 negative-advantage tokens, so rho
+# 0.3 gives k ~ 15 (the default 1% gives k <= 1: plain GRPO); temperature 1.6 makes response lengths differ by rank
+MULTI = ["--group_size", "4", "--prompts_per_step", "8", "--temperature", "1.6", "--rho", "0.3", "--seed", "1",
+         "--max_steps", "3", "--eval_every", "0", "--eval_prompts", "8", "--eval_samples", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_cache, tmp_path_factory):
+    d = tmp_path_factory.mktemp("one_process")
+    p = run_script("lp_reg.py", *MULTI, "--micro_batch_size", "3", "--output_dir", str(d))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_compute_what_one_process_does(one_process_run, tmp_path, mode):
+    """2 gloo ranks (DDP, or FSDP2 shards) against 1 process on the same rows: the same rewards, |S|, gradient norms
+    and weights. S is the rho lowest negative tokens of the whole mini-batch, which spans both ranks: its size k and
+    its threshold must come from every rank's tokens (per rank, each would take its own k and threshold). DDP runs
+    micro-batches of 3 (S from the no-grad selection pass), FSDP none (S chosen inside the loss)."""
+    extra = ["--fsdp", "true", "--micro_batch_size", "0"] if mode == "fsdp" else ["--micro_batch_size", "3"]
+    p = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "lp_reg.py", *MULTI, *extra,
+                   "--output_dir", str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    one, two = records(one_process_run)[1:], records(tmp_path)[1:]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    assert len({r["response/len"] for r in one}) > 1 and any(r["perf/grad_norm"] > 0.1 for r in one)  # a real test
+    assert all(r["policy/lp_selected"] >= 2 and r["policy/lp_active_ranks"] == 1.0 for r in two)  # S on both ranks
+    for a, b in zip(one, two):
+        assert a["reward/mean"] == b["reward/mean"] and a["response/len"] == b["response/len"]  # the same rollouts
+        assert all(a[k] == b[k] for k in ("policy/lp_candidates", "policy/lp_selected"))  # the same S
+        assert b["perf/grad_norm"] == pytest.approx(a["perf/grad_norm"], rel=1e-4)
+    wa = torch.load(one_process_run / "checkpoint.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # lr 3e-4: a wrong gradient moves 1e-4+
+    assert (tmp_path / "final" / "model.safetensors").exists()
 
 
 def grpo_small():
