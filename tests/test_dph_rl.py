@@ -1,20 +1,22 @@
-"""dph_rl.py: the f-divergences, routing, split and PPO properties of dph_rl.md §5 on hand-computed micro-examples
-and naive references, then the script itself end to end."""
+"""dph_rl.py (DPH-RL, arXiv 2509.07430): the f-divergences, routing, split and PPO properties on hand-computed
+micro-examples and naive references, then the script itself end to end, on one process and on two ranks."""
 import math
 
 import pytest
 import torch
 from conftest import records, run_script, SMALL as BASE_SMALL
 
+import common
 import dph_rl
 from common import Example, HFSampler, Samples, collate, token_logprobs
-from dph_rl import build_pef, dph_loss, f_divergence, policy_loss, split_pef
+from dph_rl import build_pef, dph_loss, f_divergence, policy_loss, route_counts, split_pef
 
 KINDS = ["js", "forward_kl", "alpha"]
 
 
 def f_naive(u, kind, alpha=0.2):
-    """The §3b table, written as printed (float64)."""
+    """The generators as the official core_algos.py writes them (kl_penalty "low_var_kl" with swapped arguments,
+    js_low_var, alpha_divergence_f), in float64."""
     if kind == "forward_kl":
         return u - 1 - torch.log(u)
     if kind == "js":
@@ -28,7 +30,7 @@ def per_token(delta, kind, alpha=0.2):
                         for d in delta])
 
 
-# ---- §5.1-5.3: zero at the reference, non-negative, gradient sign ------------------------------------------------
+# ---- zero at the reference, non-negative, gradient sign --------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_zero_and_zero_gradient_at_the_reference(kind):
     ref = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.05, 0.7, 0.3]]))
@@ -63,7 +65,7 @@ def test_gradient_is_the_closed_form_and_negative_below_one(kind, closed):
     assert (g[delta < 0] < 0).all() and (g[delta > 0] > 0).all()  # descent raises under-weighted stored tokens
 
 
-# ---- §5.4: exact expectations on a toy categorical ---------------------------------------------------------------
+# ---- exact expectations on a toy categorical -------------------------------------------------------------------
 def test_expectations_under_pi_ref_are_the_divergences():
     g = torch.Generator().manual_seed(0)
     pi_ref = torch.softmax(torch.randn(7, generator=g, dtype=torch.float64), 0)
@@ -77,7 +79,7 @@ def test_expectations_under_pi_ref_are_the_divergences():
         assert (pi_ref * f).sum().item() == pytest.approx(value.item(), rel=1e-9), kind
 
 
-# ---- §5.5: limits -------------------------------------------------------------------------------------------------
+# ---- limits ----------------------------------------------------------------------------------------------------
 def test_alpha_limits_and_tails():
     u = torch.linspace(0.3, 3, 28, dtype=torch.float64)
     d = torch.log(u)
@@ -98,7 +100,7 @@ def test_forward_kl_clamp_zeroes_the_gradient():
     assert per_token(torch.tensor([-12.0, 30.0]), "forward_kl").tolist() == [10.0, 10.0]
 
 
-# ---- §5.6: masking ------------------------------------------------------------------------------------------------
+# ---- masking ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_masked_tokens_count_for_nothing(kind):
     logp = torch.log(torch.tensor([[0.5, 0.25, 0.3], [0.6, 0.1, 0.2]]))
@@ -115,7 +117,7 @@ def test_masked_tokens_count_for_nothing(kind):
     assert loss2.item() == loss.item() and torch.isfinite(x.grad).all() and (x.grad[mask == 0] == 0).all()
 
 
-# ---- §5.7: per-sample routing and the combination ---------------------------------------------------------------
+# ---- per-sample routing and the combination --------------------------------------------------------------------
 def _mixed(seed=0, B=6, T=5):
     g = torch.Generator().manual_seed(seed)
     logp, old, ref = (-torch.rand(B, T, generator=g) * 2 for _ in range(3))
@@ -173,12 +175,35 @@ def test_micro_batch_shares_add_up_to_the_mini_batch(agg, weighting):
     logp, old, ref, adv, mask, is_pef = _mixed(2)
     kw = dict(eta=0.2, weighting=weighting, agg=agg)
     whole, _ = dph_loss(logp, old, ref, adv, mask, is_pef, **kw)
-    parts = sum(dph_loss(logp[s], old[s], ref[s], adv[s], mask[s], is_pef[s], mini=(mask, is_pef), **kw)[0]
+    kw["counts"] = route_counts(mask, is_pef)  # of the whole mini-batch
+    parts = sum(dph_loss(logp[s], old[s], ref[s], adv[s], mask[s], is_pef[s], **kw)[0]
                 for s in (slice(0, 1), slice(1, 2), slice(2, 5), slice(5, 6)))  # pef-only, exp-only and mixed
     assert parts.item() == pytest.approx(whole.item(), rel=1e-5)
 
 
-# ---- §5.10: PPO ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weighting", ["share", "paper"])
+def test_counts_over_ranks_make_the_gradient_of_the_whole_batch(weighting):
+    """Two ranks with other D_exp / D_pef token counts (and other row counts): the mean of their gradients (what DDP
+    and FSDP apply) equals the gradient of the whole batch when the counts are summed over ranks / world; the
+    per-rank counts give another gradient."""
+    logp, old, ref, adv, mask, is_pef = _mixed(3, B=6, T=7)
+    mask[0] = 1  # rank 0's exp row is long, rank 1's short: per-rank token-means differ from the global one
+    mask[3, 2:] = 0
+    ranks = (slice(0, 2), slice(2, 6))  # rank 0: 1 exp + 1 pef row; rank 1: 3 exp + 1 pef
+    kw = dict(eta=0.5, weighting=weighting)
+
+    def grad(rows, counts=None):
+        x = logp.clone().requires_grad_(True)
+        dph_loss(x[rows], old[rows], ref[rows], adv[rows], mask[rows], is_pef[rows], counts=counts, **kw)[0].backward()
+        return x.grad
+
+    whole = grad(slice(None))
+    counts = sum(route_counts(mask[r], is_pef[r]) for r in ranks) / 2
+    assert torch.allclose(sum(grad(r, counts) for r in ranks) / 2, whole, atol=1e-7)
+    assert not torch.allclose(sum(grad(r) for r in ranks) / 2, whole, atol=1e-4)
+
+
+# ---- PPO ---------------------------------------------------------------------------------------------------------
 def test_ppo_clip_higher_and_dual_clip():
     old = torch.zeros(1, 6)
     logp = torch.log(torch.tensor([[1.0, 1.5, 0.7, 4.0, 1.2, 0.5]]))
@@ -200,7 +225,7 @@ def test_ppo_clip_higher_and_dual_clip():
     assert torch.equal(dph_rl.group_advantages(torch.ones(8), 8), torch.zeros(8))
 
 
-# ---- §5.9 and §5.8: the split and the stored reference log-probs ---------------------------------------------------
+# ---- the split and the stored reference log-probs -----------------------------------------------------------------
 def test_split_pef_rule():
     correct = torch.zeros(3, 8, dtype=torch.bool)
     correct[0] = True  # 8/8
@@ -215,7 +240,7 @@ class ScriptedSampler:
     def __init__(self, tok, script):
         self.tok, self.script, self.calls = tok, script, 0
 
-    def generate(self, model, prompt_ids, n, max_new_tokens, temperature=1.0, seed=0, topk=0):
+    def generate(self, model, prompt_ids, n, max_new_tokens, temperature=1.0, seeds=None, topk=0):
         out = Samples([], [], [], [])
         for p in prompt_ids:
             for text in self.script[self.calls][tuple(p)][:n]:
@@ -242,7 +267,7 @@ def test_build_pef_split_and_wrong_extra_sample(tok):
 def test_stored_ref_logp_is_the_initial_model_at_the_training_temperature(tok, rand_model, monkeypatch):
     monkeypatch.setattr(dph_rl, "score", lambda e, c: 1.0)  # every sample "correct": all prompts stored
     ex = [Example("countdown", f"Q:{i},2,3->6 A:", "", f"{i},2,3->6") for i in range(1, 7)]
-    res = build_pef(rand_model, tok, HFSampler(tok), ex, list(range(6)), 4, 4, 8, 0.7, seed=3)
+    res = build_pef(rand_model, tok, HFSampler(tok, [tok.eos_token_id]), ex, list(range(6)), 4, 4, 8, 0.7, seed=3)
     assert len(res["ref_logp"]) == 6
     batch = collate(Samples(res["prompt_ids"], res["response_ids"], res["ref_logp"], ["stop"] * 6), tok.pad_token_id,
                     "cpu")
@@ -252,12 +277,55 @@ def test_stored_ref_logp_is_the_initial_model_at_the_training_temperature(tok, r
     assert not torch.allclose(token_logprobs(rand_model, batch, temperature=1.0)["logp"], batch["old_logp"], atol=1e-2)
 
 
+class Recording:
+    """Passes every call to `inner` and keeps each generate call's Samples."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def generate(self, *a, **kw):
+        self.calls.append(self.inner.generate(*a, **kw))
+        return self.calls[-1]
+
+
+def test_extra_sample_is_not_a_replay_of_a_split_sample(tok, rand_model, monkeypatch):
+    """Regression: the extra sample's seed was the split's seed + 1, and vLLM seeds child j of a prompt with seed + j,
+    so the stored sample was split sample #1 again: a sample the D_pef selection had already conditioned on. A replay
+    would match on all 40 prompts; independent draws match on a handful at most (a response can be just EOS)."""
+    monkeypatch.setattr(dph_rl, "score", lambda e, c: 1.0)  # every prompt in D_pef, every extra sample stored
+    ex = [Example("countdown", f"Q:{i % 10},{i // 10},3->6 A:", "", "") for i in range(40)]
+    rec = Recording(HFSampler(tok, [tok.eos_token_id]))
+    res = build_pef(rand_model, tok, rec, ex, list(range(40)), 4, 4, 8, 1.0, seed=0)
+    split, extra = rec.calls
+    assert res["response_ids"] == extra.response_ids and len(split.response_ids) == 160
+    for j in range(4):
+        assert sum(extra.response_ids[i] == split.response_ids[4 * i + j] for i in range(40)) <= 5, j
+
+
+def test_split_does_not_depend_on_ranks_or_chunks(tok, rand_model, monkeypatch):
+    """Each prompt samples from streams of (seed, its position in the training set): two contiguous halves split
+    apart in chunks of 7 (what two ranks do) give exactly the split of the whole in one chunk."""
+    monkeypatch.setattr(dph_rl, "score", lambda e, c: float(len(c) % 2 == 0))  # some prompts in D_pef, some not
+    ex = [Example("countdown", f"Q:{i % 10},{i // 10},3->6 A:", "", "") for i in range(30)]
+    sampler = HFSampler(tok, [tok.eos_token_id])
+    whole = build_pef(rand_model, tok, sampler, ex, list(range(30)), 4, 2, 8, 1.0, seed=5)
+    halves = [build_pef(rand_model, tok, sampler, ex[s], list(range(30))[s], 4, 2, 8, 1.0, seed=5, chunk=7)
+              for s in (slice(0, 15), slice(15, 30))]
+    assert 0 < len(whole["pef_idx"]) < 30 and whole["response_ids"]
+    for key in ("pef_idx", "n_correct", "prompt_ids", "response_ids"):
+        assert halves[0][key] + halves[1][key] == whole[key], key
+    ref = [x for h in halves for r in h["ref_logp"] for x in r]
+    assert ref == pytest.approx([x for r in whole["ref_logp"] for x in r], abs=1e-5)
+
+
 # ---- the script -------------------------------------------------------------------------------------------------
 SMALL = BASE_SMALL + ["--pef_split_prompts", "48", "--pef_min_correct", "2"]
 
 
 def test_importing_dph_rl_starts_nothing():
-    assert hasattr(dph_rl, "main") and dph_rl.Args().divergence == "js" and dph_rl.Args().pef_min_correct == 8
+    args = dph_rl.Args()
+    assert hasattr(dph_rl, "main") and args.divergence == "js" and args.pef_min_correct == 8
+    assert args.pef_split_prompts == 0  # the whole training set is split, as the paper does
 
 
 def test_dph_rl_smoke_and_resume(tiny_cache, tmp_path):
@@ -272,11 +340,108 @@ def test_dph_rl_smoke_and_resume(tiny_cache, tmp_path):
         assert all(math.isfinite(r[k]) for r in steps), k
     assert steps[0]["pef/stored"] > 0 and steps[0]["pef/block"] == 2  # 4 * 4 / 8 stored sequences per step
     assert 0 < steps[0]["pef/prompts"] <= 48 and steps[0]["pef/exp_prompts"] > 4000  # the unsplit prompts stay in D_exp
-    assert steps[0]["policy/divergence"] < 1e-6  # §5.8: the first update sees pi == pi_ref on the stored tokens
+    assert steps[0]["policy/divergence"] < 1e-6  # the first update sees pi == pi_ref on the stored tokens
     assert "eval/pass@16" in steps[1] and "eval/pass@8" in steps[2] and "D_pef:" in p.stdout
     cache = tmp_path / "pef_cache.pt"
     stamp = cache.stat().st_mtime_ns
     p = run_script("dph_rl.py", "--max_steps", "4", "--eval_every", "2", "--output_dir", str(tmp_path),
                    "--resume", "true", *SMALL)
-    assert p.returncode == 0 and "loaded the D_pef split" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 0 and f"loaded the D_pef split from {cache}" in p.stdout, p.stdout + p.stderr
     assert cache.stat().st_mtime_ns == stamp and [r["step"] for r in records(tmp_path)[2:]] == [1, 2, 3, 4]
+
+
+def _args(tmp_path, **kw):
+    """dph_rl.Args for an in-process run of a few seconds: 48 split prompts, a loose D_pef rule so some are stored."""
+    base = dict(model=str(common.tiny_cache_dir("countdown")), lr=3e-4, output_dir=str(tmp_path), max_steps=1,
+                prompts_per_step=4, group_size=4, eval_prompts=8, eval_samples=4, log_examples_every=0, eval_every=0,
+                pef_split_prompts=48, pef_min_correct=2)
+    return dph_rl.Args(**{**base, **kw})
+
+
+def test_a_fresh_run_reuses_the_cached_split_of_the_same_settings(tiny_cache, tmp_path, monkeypatch, capsys):
+    """The split is computed once per (model, data, split settings): a second fresh run with the same settings loads
+    it (and the file is not rewritten); a changed setting (--pef_k) computes its own."""
+    model = str(common.tiny_cache_dir("countdown"))  # read before RLVR_CACHE moves to an empty folder
+    args = lambda name, **kw: _args(tmp_path / name, model=model, **kw)  # noqa: E731
+    monkeypatch.setenv("RLVR_CACHE", str(tmp_path / "cache"))
+    store = tmp_path / "cache" / "dph_split"
+    dph_rl.main(args("a"))
+    first = capsys.readouterr()
+    assert "cached the split in" in first.out and "D_pef split" in first.err  # computed, with a progress bar
+    [file] = store.glob("*.pt")
+    stamp = file.stat().st_mtime_ns
+    dph_rl.main(args("b"))
+    second = capsys.readouterr()
+    assert f"loaded the D_pef split from {file}" in second.out and "D_pef split" not in second.err
+    assert file.stat().st_mtime_ns == stamp and len(list(store.glob("*.pt"))) == 1
+    a, b = (torch.load(tmp_path / d / "pef_cache.pt", weights_only=False) for d in "ab")
+    assert a == b and a["ref_logp"]  # each run keeps its copy for --resume
+    dph_rl.main(args("c", pef_k=6))
+    assert "cached the split in" in capsys.readouterr().out and len(list(store.glob("*.pt"))) == 2
+
+
+def test_too_few_exp_prompts_fail_with_one_sentence(tiny_cache, tmp_path, monkeypatch):
+    """An initial policy that solves every prompt leaves D_exp empty: one sentence, not a numpy traceback."""
+    args = _args(tmp_path, pef_split_prompts=0)
+    monkeypatch.setenv("RLVR_CACHE", str(tmp_path / "cache"))
+    solved = lambda model, tok, sampler, ex, index, k, *a, **kw: {  # noqa: E731
+        "pef_idx": list(index), "n_correct": [k] * len(index), "prompt_ids": [], "response_ids": [], "ref_logp": []}
+    monkeypatch.setattr(dph_rl, "build_pef", solved)
+    with pytest.raises(SystemExit, match=r"D_exp has only 0 prompts .*fewer than --prompts_per_step 4"):
+        dph_rl.main(args)
+
+
+MULTI = ["--task", "arithmetic", "--group_size", "4", "--prompts_per_step", "8", "--micro_batch_size", "3",
+         "--temperature", "1.6", "--max_steps", "3", "--eval_every", "0", "--eval_prompts", "8", "--eval_samples", "2",
+         "--lr", "3e-4", "--pef_split_prompts", "48", "--pef_min_correct", "2", "--pef_per_step", "8", "--eta", "1.0",
+         "--log_examples_every", "0"]
+
+
+@pytest.fixture(scope="module")
+def arithmetic_model(tiny_cache):
+    """The tiny arithmetic model (built once per session, as `--model tiny --task arithmetic` would): its correct
+    answers have 2 or 3 digits, so the stored D_pef rows differ in length between ranks (countdown's never do)."""
+    path = common.tiny_cache_dir("arithmetic")
+    return str(path if path.exists() else common.build_tiny("arithmetic", path))
+
+
+def _run(model, out_dir, *extra, ranks=1):
+    """dph_rl.py with a split cache of its own, so that every run computes its split (on 1 or on 2 ranks)."""
+    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+    return run_script(*cmd, "dph_rl.py", *MULTI, *extra, "--model", model, "--output_dir", str(out_dir),
+                      env={"RLVR_CACHE": str(out_dir / "split_cache")}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(arithmetic_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("one_process")
+    p = _run(arithmetic_model, d)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_compute_what_one_process_does(arithmetic_model, one_process_run, tmp_path, mode):
+    """2 gloo ranks (DDP, or FSDP2 shards) against 1 process on the same rows: the same split, rewards, gradient norms
+    and weights. Each rank holds 16 rollouts and 4 stored D_pef rows per step, the ranks' rows of either kind of
+    other lengths, so a per-rank normaliser of L_exp's or of L_pef's token-mean, or a per-rank D_pef block, or a
+    split that depends on the ranks gives another run."""
+    p = _run(arithmetic_model, tmp_path, *(["--fsdp", "true"] if mode == "fsdp" else []), ranks=2)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    one, two = records(one_process_run)[1:], records(tmp_path)[1:]
+    split_one, split_two = (torch.load(d / "pef_cache.pt", weights_only=False) for d in (one_process_run, tmp_path))
+    assert [r["step"] for r in two] == [1, 2, 3]
+    # not vacuous: D_pef rows of several lengths in every batch, an f-loss that pulls once pi has moved from pi_ref,
+    # rollouts of other lengths on the two ranks, and gradients of a size where a wrong weighting shows
+    assert all(r["pef/block"] == 8 for r in one) and len({len(r) for r in split_one["response_ids"]}) > 1
+    assert all(r["policy/divergence"] > 1e-3 for r in one[1:])
+    assert len({r["response/len"] for r in one}) > 1 and any(r["perf/grad_norm"] > 0.1 for r in one)
+    for key in ("pef_idx", "n_correct", "prompt_ids", "response_ids"):  # split on 2 ranks = split on 1 process
+        assert split_one[key] == split_two[key], key
+    for a, b in zip(one, two):
+        assert a["reward/mean"] == b["reward/mean"] and a["response/len"] == b["response/len"]  # the same rollouts
+        assert b["perf/grad_norm"] == pytest.approx(a["perf/grad_norm"], rel=1e-4)
+    wa = torch.load(one_process_run / "checkpoint.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # lr 3e-4: a wrong gradient moves 1e-4+
+    assert (tmp_path / "final" / "model.safetensors").exists()

@@ -9,7 +9,8 @@ from conftest import needs_data, records, run_script
 TRAINERS = ["grpo", "dph_rl", "lp_reg", "rl_plus", "delta_l", "dppo"]
 SHORT = ["--max_new_tokens", "16", "--max_steps", "2", "--prompts_per_step", "4", "--group_size", "2",
          "--eval_every", "0", "--eval_prompts", "4", "--eval_samples", "2", "--log_examples_every", "1"]
-EXTRA = {"dph_rl": ["--pef_split_prompts", "8", "--pef_k", "2", "--pef_min_correct", "2"]}  # a small one-off split
+EXTRA = {"dph_rl": ["--pef_split_prompts", "8", "--pef_k", "2", "--pef_min_correct", "2"],  # a small one-off split
+         "rl_plus": ["--max_new_tokens", "192"]}  # the external worked solutions must fit the response length
 
 
 def _run(name, standin, tmp_path, task, *more):
