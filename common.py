@@ -504,7 +504,8 @@ class HFSampler:
                 break
         resp, logp = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()  # [b, t]
         if topk:
-            tk_ids, tk_lp = torch.stack([k.indices for k in tks], 1).tolist(), torch.stack([k.values for k in tks], 1).tolist()
+            tk_ids = torch.stack([k.indices for k in tks], 1).tolist()  # [b, t, K]
+            tk_lp = torch.stack([k.values for k in tks], 1).tolist()  # [b, t, K]
         for i, p in enumerate(prompts):
             r, why = _cut_at_stop(resp[i], set(self.stop))
             out.prompt_ids.append(p)
@@ -706,13 +707,14 @@ def response_hidden(model, input_ids, attention_mask, n_response: int, share_pro
     that every rank of a DDP run issues the same collectives. One plain forward instead under gradient
     checkpointing (HF then returns no cache) and under FSDP2 (gradients that reach pass 1 through the copied
     keys/values bypass the layer's backward hooks, which would find its weights resharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
     if input_ids.shape[1] - n_response < 2:  # pass 1 needs a prompt column: add one of padding
         input_ids, attention_mask = (torch.nn.functional.pad(x, (1, 0)) for x in (input_ids, attention_mask))
     Tp = input_ids.shape[1] - n_response  # prompt width (left-padded)
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, Tp+T]  as the sampler does with left padding
-    from torch.distributed.fsdp import FSDPModule
-
-    share_prompts = share_prompts and not (isinstance(model, FSDPModule) or getattr(model, "is_gradient_checkpointing", False))
+    checkpointing = getattr(getattr(model, "module", model), "is_gradient_checkpointing", False)
+    share_prompts = share_prompts and not (isinstance(model, FSDPModule) or checkpointing)
     with final_hidden_states(model) as got:
         if share_prompts:
             key = torch.cat([input_ids[:, : Tp - 1], attention_mask[:, : Tp - 1]], 1)  # [B, 2(Tp-1)]
@@ -749,7 +751,8 @@ def token_logprobs(model, batch: dict, temperature: float = 1.0, chunk_size: int
     ext = extra_ids.reshape(B * T, -1)[rows] if extra_ids is not None else tgt.new_zeros((len(rows), 0))  # [N, K]
     weight = output_weight(model)  # [V, H]
     if torch.is_autocast_enabled(h.device.type):  # cast once here, not once per chunk
-        weight, h_sel = weight.to(torch.get_autocast_dtype(h.device.type)), h_sel.to(torch.get_autocast_dtype(h.device.type))
+        compute = torch.get_autocast_dtype(h.device.type)
+        weight, h_sel = weight.to(compute), h_sel.to(compute)
     parts = [_ChunkLogprobs.apply(h_sel[s: s + chunk_size], weight, tgt[s: s + chunk_size], ext[s: s + chunk_size],
                                   temperature, with_entropy) for s in range(0, len(rows), chunk_size)]
 

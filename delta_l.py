@@ -290,7 +290,8 @@ def main(args: Args):
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
                     if not np.isfinite(grad_norm):  # a NaN/inf loss ends here too, on every rank at once
                         raise SystemExit(f"step {step + 1}: gradient norm is {grad_norm} (a non-finite loss or "
-                                         f"gradient); stopping. The last good checkpoint is {out_dir / 'checkpoint.pt'}")
+                                         f"gradient); stopping. The last good checkpoint is "
+                                         f"{out_dir / 'checkpoint.pt'}")
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
         policy.eval()

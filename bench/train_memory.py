@@ -1,7 +1,7 @@
 """Peak memory of one training step on the Qwen-shaped stand-in (CPU), against weights + gradients + AdamW state.
 
 python bench/train_memory.py                  # 8 prompts x 8 samples, 128 new tokens, micro-batches of 8, beta 0.1
-python bench/train_memory.py --layers 8 --micro_batch_size 16
+python bench/train_memory.py --hidden 896 --max_new_tokens 64   # Qwen2.5-0.5B's width
 
 One step of grpo.py's update, done here with the library functions so that the old code can run it too: a reference
 pass (beta > 0), then micro-batched forward + backward of the PPO loss, then the AdamW step. Variants, each in its own
@@ -110,6 +110,7 @@ def main():
     ap.add_argument("--max_new_tokens", type=int, default=128)
     ap.add_argument("--micro_batch_size", type=int, default=8)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256, help="896 = Qwen2.5-0.5B's width (14 heads of 64)")
     ap.add_argument("--case", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.case:
@@ -117,7 +118,10 @@ def main():
         return
     import standin
 
-    path = str(standin.standin_path(rows=151936, **({"layers": a.layers} if a.layers != 4 else {})))
+    shape = {k: v for k, v in (("layers", a.layers), ("hidden", a.hidden)) if v != {"layers": 4, "hidden": 256}[k]}
+    if a.hidden != 256:
+        shape.update(heads=a.hidden // 64, intermediate=4 * a.hidden)
+    path = str(standin.standin_path(rows=151936, **shape))
     batch = Path(tempfile.mkdtemp()) / "batch.pt"
     make_batch(path, a.prompts, a.max_new_tokens, str(batch))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
@@ -129,7 +133,7 @@ def main():
             raise SystemExit(p.stderr[-2000:])
         res.append(json.loads(p.stdout.strip().splitlines()[-1]))
     r0 = res[0]
-    print(f"\nstand-in: V = 151,936, hidden 256, {a.layers} layers; {r0['rows']} rows, {r0['tokens']} tokens, "
+    print(f"\nstand-in: V = 151,936, hidden {a.hidden}, {a.layers} layers; {r0['rows']} rows, {r0['tokens']} tokens, "
           f"micro-batches of {a.micro_batch_size}, beta 0.1, float32\n")
     print("| variant | weights + grads + AdamW MB | peak over them MB | ratio |\n| --- | --- | --- | --- |")
     for r in res:
