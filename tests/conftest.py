@@ -66,3 +66,13 @@ def run_script(*args, timeout=600, env=None):
 
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # 2 gloo ranks on the CPU
+
+
+def max_weight_diff(a, b) -> float:
+    """Largest absolute difference between the checkpoint.pt weights of two run folders."""
+    wa = torch.load(a / "checkpoint.pt", weights_only=False)["model"]
+    wb = torch.load(b / "checkpoint.pt", weights_only=False)["model"]
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)

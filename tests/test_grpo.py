@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, records, run_script, SMALL
+from conftest import ROOT, SMALL, TORCHRUN, max_weight_diff, records, run_script
 
 import common
 import grpo
@@ -184,7 +184,7 @@ def test_too_few_training_prompts_fail_with_one_sentence(tiny_cache, tmp_path):
 
 
 def test_torchrun_two_ranks_stay_identical(tiny_cache, tmp_path):
-    p = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    p = run_script(*TORCHRUN,
                    str(ROOT / "tests" / "ddp_check.py"), "--max_steps", "2", "--eval_every", "2",
                    "--output_dir", str(tmp_path), *SMALL, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -212,7 +212,7 @@ def test_two_ranks_compute_what_one_process_does(one_process_run, tmp_path, mode
     normaliser gave other gradients; (2) micro-batches of 3 rows hold repeated prompts or not, which deadlocked DDP
     (prompt sharing made a different number of forward calls, hence of DDP's buffer broadcasts, on each rank)."""
     extra = ["--fsdp", "true"] if mode == "fsdp" else []
-    p = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "grpo.py", *MULTI, *extra,
+    p = run_script(*TORCHRUN, "grpo.py", *MULTI, *extra,
                    "--output_dir", str(tmp_path), timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     one, two = records(one_process_run)[1:], records(tmp_path)[1:]
@@ -221,9 +221,7 @@ def test_two_ranks_compute_what_one_process_does(one_process_run, tmp_path, mode
     for a, b in zip(one, two):
         assert a["reward/mean"] == b["reward/mean"] and a["response/len"] == b["response/len"]  # the same rollouts
         assert b["perf/grad_norm"] == pytest.approx(a["perf/grad_norm"], rel=1e-4)
-    wa = torch.load(one_process_run / "checkpoint.pt", weights_only=False)["model"]
-    wb = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # lr 3e-4: a wrong gradient moves 1e-4+
+    assert max_weight_diff(one_process_run, tmp_path) < 1e-4  # lr 3e-4: a wrong gradient moves 1e-4+
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 
@@ -304,7 +302,7 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_cache, tmp_path)
 def test_fsdp_resume_continues_the_run(one_process_run, tmp_path):
     """FSDP2: a run stopped at step 2 and resumed (full state dict written by rank 0, re-sharded on load) ends
     where the uninterrupted one-process run does."""
-    run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "grpo.py", *MULTI, "--fsdp", "true",
+    run = [*TORCHRUN, "grpo.py", *MULTI, "--fsdp", "true",
            "--save_every", "1", "--output_dir", str(tmp_path)]
     cut = list(run)
     cut[cut.index("--max_steps") + 1] = "2"
@@ -312,6 +310,4 @@ def test_fsdp_resume_continues_the_run(one_process_run, tmp_path):
     p = run_script(*run, "--resume", "true", timeout=300)
     assert p.returncode == 0 and "resumed" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     assert [r["step"] for r in records(tmp_path)[1:]] == [1, 2, 3]
-    wa = torch.load(one_process_run / "checkpoint.pt", weights_only=False)["model"]
-    wb = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    assert max_weight_diff(one_process_run, tmp_path) < 1e-4
