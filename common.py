@@ -10,7 +10,6 @@ Shape legend used in every file:
 import contextlib
 import copy
 import json
-import math
 import os
 import re
 import threading

@@ -154,7 +154,7 @@ def main():
            "logprob_bytes_per_token": per_token, "bf16_logits_bytes_per_token": 2 * V,
            "first_step_ratio": next(r["policy/ratio"] for r in recs if "policy/ratio" in r), **gap,
            "response_len": sum(r["response/len"] for r in steps) / len(steps), "prompt_len": prompt_len}
-    print(f"\n| figure | value |\n| --- | --- |")
+    print("\n| figure | value |\n| --- | --- |")
     for k, v in fig.items():
         print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
     if a.json:
