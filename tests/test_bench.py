@@ -14,3 +14,12 @@ def test_gpu_check_runs_on_the_cpu_at_toy_size(tmp_path):
     assert fig["first_step_ratio"] == pytest.approx(1, abs=1e-3)  # bf16 sampler vs bf16 trainer
     assert fig["gap_max"] < 0.1 and fig["weights_grads_adam_gb"] == pytest.approx(16 * fig["params"] / 2**30)
     assert "| sample_tokens_per_s |" in p.stdout
+
+
+def test_bf16_master_shows_why_the_weights_are_float32():
+    """bench/bf16_master.py: at lr 1e-6, AdamW on bf16 weights leaves most of them unchanged; on float32, none."""
+    p = run_script("bench/bf16_master.py", "--steps", "1", timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    share = {r.split("|")[1].strip(): float(r.split("|")[2].strip().rstrip("%"))
+             for r in p.stdout.splitlines() if r.startswith(("| bf16", "| float32"))}
+    assert share["bf16"] < 10 and share["float32"] > 99
