@@ -76,3 +76,21 @@ def max_weight_diff(a, b) -> float:
     wa = torch.load(a / "checkpoint.pt", weights_only=False)["model"]
     wb = torch.load(b / "checkpoint.pt", weights_only=False)["model"]
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def one_process_run_of(tmp_path_factory, *args) -> Path:
+    """A one-process run of `args` (script + flags) in a fresh folder: what a 2-rank run is compared with."""
+    d = tmp_path_factory.mktemp("one_process")
+    p = run_script(*args, "--output_dir", str(d))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d
+
+
+def assert_same_as_one_process(one_dir, two_dir, keys=("reward/mean", "response/len")):
+    """A 2-rank run computed what the one-process run did: per step the same rollouts (`keys` equal) and gradient
+    norms to 1e-4 relative; the weights after the run to 1e-4 (at lr 3e-4 a wrong gradient moves them more)."""
+    for a, b in zip(records(one_dir)[1:], records(two_dir)[1:], strict=True):
+        assert all(a[k] == b[k] for k in keys), [(k, a[k], b[k]) for k in keys]
+        assert b["perf/grad_norm"] == pytest.approx(a["perf/grad_norm"], rel=1e-4)
+    assert max_weight_diff(one_dir, two_dir) < 1e-4
+    assert (two_dir / "final" / "model.safetensors").exists()

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import max_weight_diff, records, run_script, SMALL as BASE_SMALL
+from conftest import TORCHRUN, assert_same_as_one_process, records, run_script, SMALL as BASE_SMALL
 
 import common
 import dph_rl
@@ -405,11 +405,10 @@ def arithmetic_model(tiny_cache):
     return str(path if path.exists() else common.build_tiny("arithmetic", path))
 
 
-def _run(model, out_dir, *extra, ranks=1):
+def _run(model, out_dir, *extra, ranks=1):  # 1 or 2 ranks
     """dph_rl.py with a split cache of its own, so that every run computes its split (on 1 or on 2 ranks)."""
-    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
-    return run_script(*cmd, "dph_rl.py", *MULTI, *extra, "--model", model, "--output_dir", str(out_dir),
-                      env={"RLVR_CACHE": str(out_dir / "split_cache")}, timeout=300)
+    return run_script(*(TORCHRUN if ranks == 2 else []), "dph_rl.py", *MULTI, *extra, "--model", model,
+                      "--output_dir", str(out_dir), env={"RLVR_CACHE": str(out_dir / "split_cache")}, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -438,8 +437,4 @@ def test_two_ranks_compute_what_one_process_does(arithmetic_model, one_process_r
     assert len({r["response/len"] for r in one}) > 1 and any(r["perf/grad_norm"] > 0.1 for r in one)
     for key in ("pef_idx", "n_correct", "prompt_ids", "response_ids"):  # split on 2 ranks = split on 1 process
         assert split_one[key] == split_two[key], key
-    for a, b in zip(one, two):
-        assert a["reward/mean"] == b["reward/mean"] and a["response/len"] == b["response/len"]  # the same rollouts
-        assert b["perf/grad_norm"] == pytest.approx(a["perf/grad_norm"], rel=1e-4)
-    assert max_weight_diff(one_process_run, tmp_path) < 1e-4  # lr 3e-4: a wrong gradient moves 1e-4+
-    assert (tmp_path / "final" / "model.safetensors").exists()
+    assert_same_as_one_process(one_process_run, tmp_path)  # rollouts, grad norms, weights
