@@ -4,7 +4,7 @@ a user JSONL, through the decode-loop sampler and through vLLM on the CPU."""
 import json
 
 import pytest
-from conftest import needs_data, records, run_script
+from conftest import TORCHRUN, assert_same_as_one_process, needs_data, one_process_run_of, records, run_script
 
 TRAINERS = ["grpo", "dph_rl", "lp_reg", "rl_plus", "delta_l", "dppo"]
 SHORT = ["--max_new_tokens", "16", "--max_steps", "2", "--prompts_per_step", "4", "--group_size", "2",
@@ -47,3 +47,30 @@ def test_grpo_on_the_standin_with_a_user_jsonl(standin, tmp_path):
 def test_every_trainer_on_the_standin_through_vllm(name, standin, tmp_path):
     pytest.importorskip("vllm")
     _run(name, standin, tmp_path, "gsm8k", "--backend", "vllm")
+
+
+# rl_plus: its external worked solutions (reward 1) give every group a non-zero advantage, where the random
+# stand-in's own rollouts all score 0 (grpo.py would have no gradient to compare)
+RANKS = ["rl_plus.py", "--task", "gsm8k", "--max_new_tokens", "192", "--max_steps", "3", "--prompts_per_step", "4",
+         "--group_size", "2", "--micro_batch_size", "1", "--eval_every", "0", "--eval_prompts", "4", "--eval_samples",
+         "2", "--lr", "1e-4"]  # lr 1e-4: a wrong gradient moves the weights visibly
+
+
+@pytest.fixture(scope="module")
+def one_process_standin_run(standin, tmp_path_factory):
+    return one_process_run_of(tmp_path_factory, *RANKS, "--model", str(standin))
+
+
+@needs_data("gsm8k_train.jsonl")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_on_the_standin_compute_what_one_process_does(one_process_standin_run, standin, tmp_path, mode):
+    """DDP and FSDP2 on the Qwen2 architecture (tied embedding and head, grouped-query attention, chat-templated
+    GSM8K prompts of other lengths on the two ranks), not only on the tiny Llama: the same rollouts, gradient
+    norms and weights as one process, and `final/` saved whole, in the stored dtype, from the gathered shards."""
+    extra = ["--fsdp", "true"] if mode == "fsdp" else []
+    p = run_script(*TORCHRUN, *RANKS, "--model", str(standin), *extra, "--output_dir", str(tmp_path), timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert all(r["perf/grad_norm"] > 1e-3 for r in records(one_process_standin_run)[1:])  # a gradient to compare
+    assert_same_as_one_process(one_process_standin_run, tmp_path)  # rollouts, grad norms, weights
+    final = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert final["dtype"] == "bfloat16" and final["tie_word_embeddings"]
