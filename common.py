@@ -9,9 +9,14 @@ Shape legend used in every file:
 """
 import contextlib
 import copy
+import dataclasses
 import json
+import math
+import multiprocessing
 import os
 import re
+import shutil
+import signal
 import threading
 import time
 import zlib
@@ -137,7 +142,7 @@ def load_task(task: str, n_train: int = None, n_test: int = 500, seed: int = 0):
     if level is not None:
         make, n_train = BUILTIN_TASKS[family][0], n_train or 5000
         pool = make(n_train + 2 * n_test, seed + 1000 * level, level)
-        pool = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]  # rare prompts come last
+        pool = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]  # the generator emits rare prompts late
         test = pool[-n_test:]
         held = {e.prompt for e in test}
         return [e for e in pool[:-n_test] if e.prompt not in held][:n_train], test
@@ -147,7 +152,8 @@ def load_task(task: str, n_train: int = None, n_test: int = 500, seed: int = 0):
         return rows[:-k], rows[-k:]
     files = {"gsm8k": ("gsm8k_train.jsonl", "gsm8k_test.jsonl"), "math500": (None, "math500_test.jsonl")}
     if task not in files:
-        raise ValueError(f"unknown task {task!r}: use countdown[:n], arithmetic[:digits], gsm8k, math500 or a .jsonl path")
+        raise ValueError(f"unknown task {task!r}: use countdown[:n], arithmetic[:digits], gsm8k, math500 or a .jsonl "
+                         "path")
     train_f, test_f = (shared_data_dir() / f if f else None for f in files[task])
     if test_f.is_file():
         test = read_jsonl(test_f)
@@ -155,7 +161,7 @@ def load_task(task: str, n_train: int = None, n_test: int = 500, seed: int = 0):
     else:
         test = _from_hub(task, "test")
         train = _from_hub(task, "train") if train_f else None
-    if train is None:  # MATH-500 has one split: hold out its last n_test // 5 problems
+    if train is None:  # MATH-500 has one split: hold out its last ceil(n_test / 5) problems
         train, test = test[: -n_test // 5], test[-n_test // 5:]
     return train[:n_train], test[:n_test]
 
@@ -188,20 +194,22 @@ def extract_answer(completion: str) -> str:
 def verify_countdown(completion: str, gold: str) -> float:
     listed, target = gold.split("->")
     expr = extract_answer(completion).replace(" ", "")
-    if not re.fullmatch(r"[0-9+\-*()]+", expr) or "**" in expr:  # '**' could ask eval for 9**9**9
-        return 0.0
-    if sorted(int(x) for x in re.findall(r"\d+", expr)) != sorted(int(x) for x in listed.split(",")):
-        return 0.0
+    if len(expr) > 200 or not re.fullmatch(r"[0-9+\-*()]+", expr) or "**" in expr:  # long: 5,000 '-' signs overflow
+        return 0.0  # the compiler's recursion limit; '**' could ask eval for 9**9**9
+    if sorted(re.findall(r"\d+", expr)) != sorted(listed.split(",")):  # each given number exactly once (as text:
+        return 0.0  # int() of a 5,000-digit string raises; '03' is not 3 and eval would refuse it anyway)
     try:
-        value = eval(expr, {"__builtins__": {}})  # noqa: S307 -- whitelisted characters only
-    except (SyntaxError, TypeError, ZeroDivisionError):
+        value = eval(expr, {"__builtins__": {}})  # noqa: S307 -- whitelisted characters, at most 200 of them
+    except (SyntaxError, TypeError, ZeroDivisionError, RecursionError, MemoryError, ValueError, OverflowError):
         return 0.0
     return float(value == int(target))
 
 
 def verify_arithmetic(completion: str, gold: str) -> float:
-    ans = extract_answer(completion).replace(",", "")
-    return float(re.fullmatch(r"-?\d+", ans) is not None and int(ans) == int(gold))
+    """The integer after removing ',' separators and leading zeros, compared as digits: int() refuses strings of
+    more than 4,300 digits, and [0-9] keeps out the other scripts' digits that \\d and int() would accept."""
+    m = re.fullmatch(r"(-?)0*([0-9]+)", extract_answer(completion).replace(",", ""))
+    return float(m is not None and m[1] + m[2] == gold)
 
 
 def verify_math(completion: str, gold: str, timeout: int = 5) -> float:
@@ -229,6 +237,80 @@ def score(example: Example, completion: str) -> float:
     if example.kind == "arithmetic":
         return verify_arithmetic(completion, example.gold)
     return verify_math(completion, example.gold)
+
+
+def _score_safely(item) -> tuple:
+    """(index, reward, failed). The verifiers are fuzzed never to raise on model output (tests/test_verify.py);
+    this keeps a verifier added in a fork from ending the run: it scores 0 and is counted in verify/failed."""
+    i, example, completion = item
+    try:
+        return i, score(example, completion), False
+    except Exception:  # noqa: BLE001
+        return i, 0.0, True
+
+
+def _start_worker():
+    """A verifier worker ignores Ctrl-C (the trainer finishes its step, then closes the workers) and imports
+    math-verify before its first task, so that its start-up never eats into a deadline."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(ImportError):
+        import math_verify  # noqa: F401
+
+
+def _ready(_):
+    return True
+
+
+class Verifier:
+    """Rewards for a batch of completions, never later than a deadline: `timeout` seconds for up to 1,024
+    completions, timeout * n / 1,024 for more (evaluation, the DPH-RL split). What is not verified by
+    then scores 0 and is counted in `last` ("verify/timed_out": the share of the call's completions).
+
+    workers > 0: scored in that many worker processes, one completion per task, so a slow one holds up only
+    itself; at the deadline the workers are killed (the next call starts new ones). This is what bounds math-verify:
+    its own 5 s limit per parse is a SIGALRM, which neither stops 256 slow completions from stalling a step for
+    20 minutes nor interrupts a big-integer power running in C.
+    workers = 0: scored here, checking the deadline between completions; enough for the built-in tasks, whose
+    verifiers are a few regular expressions on at most a few hundred characters."""
+
+    def __init__(self, workers: int = 0, timeout: float = 60.0):
+        self.workers, self.timeout, self.pool = workers, timeout, None
+        self.last = {"verify/timed_out": 0.0, "verify/failed": 0.0}
+
+    def __call__(self, examples: list, completions: list) -> list:
+        n = len(completions)
+        items = list(zip(range(n), examples, completions))
+        rewards, done, failed = [0.0] * n, 0, 0
+        if self.workers > 0 and self.pool is None:
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            self.pool = multiprocessing.get_context(method).Pool(self.workers, initializer=_start_worker)
+            self.pool.map(_ready, range(self.workers), chunksize=1)  # waits until the workers have started
+        budget = self.timeout * max(1.0, n / 1024)
+        deadline = time.monotonic() + budget
+        if self.workers == 0:
+            results = map(_score_safely, items)
+        else:
+            results = self.pool.imap_unordered(_score_safely, items)
+        try:
+            while done < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise multiprocessing.TimeoutError
+                i, rewards[i], bad = next(results) if self.workers == 0 else results.next(timeout=left)
+                done, failed = done + 1, failed + bad
+        except multiprocessing.TimeoutError:
+            self.close()  # kills the workers still busy; the next call starts fresh ones
+        self.last = {"verify/timed_out": (n - done) / max(n, 1), "verify/failed": failed / max(n, 1)}
+        if done < n or failed:
+            print(f"warning: of {n} completions, {n - done} were not verified within the {budget:.0f} s deadline "
+                  f"and {failed} made the verifier raise; they score 0 (metrics verify/timed_out, verify/failed)")
+        return rewards
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,7 +400,6 @@ def build_tiny(family: str, out_dir=None, sft_steps: int = 500, seed: int = 0) -
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if out_dir.exists():  # another process built it meanwhile: keep theirs
-        import shutil
         shutil.rmtree(tmp)
     else:
         tmp.rename(out_dir)
@@ -805,16 +886,21 @@ def decode(tok, ids: list) -> list:
 
 
 def evaluate(model, tok, sampler, examples: list, n: int = 16, max_new_tokens: int = 8, temperature: float = 1.0,
-             seeds: list = None) -> dict:
-    """Greedy accuracy, pass@k (k in pass_ks(n)) from n samples per prompt at `temperature`, mean response length.
+             seeds: list = None, verifier: Verifier = None) -> dict:
+    """Greedy accuracy, pass@k (k in pass_ks(n)) from n samples per prompt at `temperature`, mean response length,
+    and the share of completions the verifier did not finish in time (they count as wrong).
     `seeds`: one per prompt (stream_seeds), so that a prompt's samples do not depend on the rank that evaluates it."""
+    verifier = verifier or Verifier()
     prompts = encode_prompts(tok, examples)
     greedy = sampler.generate(model, prompts, 1, max_new_tokens, temperature=0.0)
-    acc = np.mean([score(e, c) for e, c in zip(examples, decode(tok, greedy.response_ids))])
+    acc = np.mean(verifier(examples, decode(tok, greedy.response_ids)))
+    timed_out = verifier.last["verify/timed_out"] * len(examples)
     samp = sampler.generate(model, prompts, n, max_new_tokens, temperature=temperature, seeds=seeds)
-    rewards = np.array([score(e, c) for e, c in zip([e for e in examples for _ in range(n)],
-                                                    decode(tok, samp.response_ids))]).reshape(len(examples), n)
-    res = {"eval/greedy_acc": float(acc), "eval/response_len": float(np.mean([len(r) for r in samp.response_ids]))}
+    rewards = np.array(verifier([e for e in examples for _ in range(n)], decode(tok, samp.response_ids)))
+    timed_out += verifier.last["verify/timed_out"] * len(rewards)
+    rewards = rewards.reshape(len(examples), n)
+    res = {"eval/greedy_acc": float(acc), "eval/response_len": float(np.mean([len(r) for r in samp.response_ids])),
+           "eval/verify_timed_out": timed_out / (len(examples) * (n + 1))}
     for k in pass_ks(n):
         res[f"eval/pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in rewards.sum(1)]))
     return res
@@ -879,8 +965,8 @@ def full_tensors(model):
 
 
 def full_state(model, optimizer=None) -> dict:
-    """Full (unsharded) float32 weights, and the optimizer state if given, on rank 0's CPU; {} elsewhere (FSDP2
-    shards are gathered: every rank must call this together)."""
+    """{"model": full (unsharded) float32 weights, "optimizer": its state if given} on rank 0's CPU; on the other ranks
+    the same keys with empty dicts (FSDP2 shards are gathered: every rank must call this together)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -920,20 +1006,192 @@ def save_final(model, tok, path, weights: dict, dtype: torch.dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Before any work: every argument checked, the output folder claimed, the checkpoint to resume read
+# ---------------------------------------------------------------------------------------------------------------
+def env_world() -> int:
+    """The number of ranks torchrun will start (1 without torchrun), known before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def task_ok(task: str) -> bool:
+    family, _, level = task.partition(":")
+    if family in BUILTIN_TASKS:  # countdown needs 2+ numbers; 10**19 overflows the generator's int64
+        return level == "" or level.isdigit() and (2 if family == "countdown" else 1) <= int(level) <= 18
+    return task in ("gsm8k", "math500") or task.endswith(".jsonl") and Path(task).is_file()
+
+
+def device_ok(device: str) -> bool:
+    if device == "auto":
+        return True
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        return False
+    return d.type == "cpu" or d.type == "cuda" and (d.index or 0) < torch.cuda.device_count()
+
+
+def is_num(v) -> bool:  # a finite int or float (not a bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def flag(v, a) -> bool:
+    return isinstance(v, bool)
+
+
+# Every argument the six trainers share: (a test of its value v, given all the arguments a; what it must be). A
+# method file adds its own; check_args refuses an argument that has no rule, so a new one cannot go unchecked.
+ARG_RULES = {
+    "model": (lambda v, a: v == "tiny" or Path(v).expanduser().is_dir() or re.fullmatch(r"[\w.-]+(/[\w.-]+)?", v),
+              "be 'tiny', a local model folder that exists, or a Hugging Face id such as Qwen/Qwen2.5-0.5B-Instruct"),
+    "task": (lambda v, a: task_ok(v), "be countdown[:2-18 numbers], arithmetic[:1-18 digits], gsm8k, math500 or the "
+                                      "path of a .jsonl file that exists"),
+    "backend": (lambda v, a: v in ("auto", "hf", "vllm"), "be auto, hf or vllm"),
+    "vllm_gpu_memory": (lambda v, a: is_num(v) and 0 < v <= 1, "be a share of the GPU's memory, in (0, 1]"),
+    "verify_workers": (lambda v, a: is_int(v) and v >= -1, "be -1 (auto), 0 (verify in the trainer) or a number of "
+                                                           "processes"),
+    "verify_timeout": (lambda v, a: is_num(v) and v > 0, "be a positive number of seconds"),
+    "output_dir": (lambda v, a: v and not Path(v).is_file(), "name a folder (not an existing file)"),
+    "seed": (lambda v, a: is_int(v) and v >= 0, "be an integer >= 0"),
+    "device": (lambda v, a: device_ok(v), "be auto, cpu, cuda or cuda:N for a GPU this machine has"),
+    "dtype": (lambda v, a: v in ("auto", "float32", "bfloat16"), "be auto, float32 or bfloat16 (float16 would need "
+                                                                  "loss scaling)"),
+    "fsdp": (flag, "be true or false"),
+    "gradient_checkpointing": (flag, "be true or false"),
+    "resume": (lambda v, a: flag(v, a) and not (v and a.overwrite), "be true or false, and not true together with "
+                                                                    "--overwrite"),
+    "overwrite": (flag, "be true or false"),
+    "max_steps": (lambda v, a: is_int(v) and v >= 0, "be >= 0 (0 trains nothing: it evaluates the initial policy)"),
+    "prompts_per_step": (lambda v, a: is_int(v) and v >= 1, "be at least 1"),
+    "group_size": (lambda v, a: is_int(v) and v >= 2, "be at least 2: the advantage compares the responses to a "
+                                                      "prompt; with one, every advantage is 0 and nothing is learned"),
+    "max_new_tokens": (lambda v, a: is_int(v) and v >= 0, "be >= 0 (0 = the task's default)"),
+    "max_prompt_len": (lambda v, a: is_int(v) and v >= 1, "be at least 1"),
+    "temperature": (lambda v, a: is_num(v) and v > 0, "be > 0: training needs the sampling distribution softmax(z/T)"),
+    "lr": (lambda v, a: is_num(v) and v >= 0, "be a positive learning rate, or 0 for the default"),
+    "weight_decay": (lambda v, a: is_num(v) and v >= 0, "be >= 0"),
+    "max_grad_norm": (lambda v, a: isinstance(v, (int, float)) and v > 0, "be > 0 (inf: no clipping)"),
+    "epochs": (lambda v, a: is_int(v) and v >= 1, "be at least 1"),
+    "mini_batches": (lambda v, a: is_int(v) and 1 <= v <= a.prompts_per_step * a.group_size // env_world(),
+                     "be between 1 and the sequences each rank trains on per step (prompts_per_step * group_size / "
+                     "ranks)"),
+    "micro_batch_size": (lambda v, a: is_int(v) and v >= 0, "be >= 0 (0 = the whole mini-batch)"),
+    "eps_low": (lambda v, a: is_num(v) and 0 <= v <= 1, "be in [0, 1]: the ratio's lower clip bound 1 - eps_low"),
+    "eps_high": (lambda v, a: is_num(v) and v >= 0, "be >= 0"),
+    "beta": (lambda v, a: is_num(v) and v >= 0, "be >= 0"),
+    "scale_std": (flag, "be true or false"),
+    "agg": (lambda v, a: v in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+            "be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm"),
+    "logprob_chunk": (lambda v, a: is_int(v) and v >= 1, "be at least 1"),
+    "eval_every": (lambda v, a: is_int(v) and v >= 0, "be >= 0 (0 = only at the end)"),
+    "eval_prompts": (lambda v, a: is_int(v) and v >= 1, "be at least 1"),
+    "eval_samples": (lambda v, a: is_int(v) and v >= 1, "be at least 1"),
+    "log_examples_every": (lambda v, a: is_int(v) and v >= 0, "be >= 0 (0 = never)"),
+    "save_every": (lambda v, a: is_int(v) and v >= 1, "be at least 1"),
+}
+
+
+def check_args(args, rules: dict):
+    """Refuse a bad setting before any work starts, in one sentence: the flag, its value, what it must be."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if f.name not in rules:
+            raise SystemExit(f"--{f.name} has no rule in check_args: add one to the trainer's RULES")
+        test, must = rules[f.name]
+        try:
+            ok = bool(test(value, args))
+        except (TypeError, ValueError, AttributeError):  # a value of the wrong type
+            ok = False
+        if not ok:
+            raise SystemExit(f"--{f.name} {value!r} is not allowed: it must {must}")
+
+
+RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "final")
+
+
+def claim_output_dir(out_dir: Path, resume: bool, overwrite: bool, main_rank: bool):
+    """Never write over a run by accident. A folder holding one (metrics, a checkpoint, a final model) is continued
+    with --resume, cleared with --overwrite (its checkpoints and final model are deleted here), or refused."""
+    found = [f for f in RUN_FILES if (out_dir / f).exists() and (f != "metrics.jsonl" or (out_dir / f).stat().st_size)]
+    if resume or not found:
+        return
+    if not overwrite:
+        steps = [r["step"] for r in load_metrics(out_dir / "metrics.jsonl") if "step" in r]
+        held = ", ".join(found) + (f"; metrics to step {steps[-1]}" if steps else "")
+        raise SystemExit(f"{out_dir} already holds a run ({held}): continue it with --resume true, start it over "
+                         f"with --overwrite true, or choose another --output_dir")
+    if main_rank:
+        print(f"--overwrite: deleting the run in {out_dir} ({', '.join(found)})")
+        for f in found:  # metrics.jsonl is started anew by the trainer
+            shutil.rmtree(out_dir / f) if f == "final" else (out_dir / f).unlink() if f != "metrics.jsonl" else None
+
+
+def read_checkpoint(out_dir: Path, args) -> dict:
+    """The state --resume continues from (None: no checkpoint yet, the run starts at step 0). Read before the model
+    is loaded, so that a checkpoint that cannot be used fails in seconds, saying which file, why, and what to do."""
+    path, prev = out_dir / "checkpoint.pt", out_dir / "checkpoint.prev.pt"
+    if not path.exists() and not prev.exists():
+        print(f"--resume: no checkpoint in {out_dir} yet; starting at step 0")
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "args"} <= set(ckpt):
+            raise ValueError("it is not a checkpoint of these trainers")
+    except Exception as e:  # noqa: BLE001 -- whatever the cause, the user needs the same sentence
+        why = str(e).split(". ")[0][:150]  # torch's message goes on for lines
+        raise SystemExit(f"cannot resume: {path} cannot be read ({type(e).__name__}: {why}; a copy cut short or a "
+                         f"full disk does this); {previous_checkpoint_hint(path, prev)}") from None
+    was = {k: ckpt["args"].get(k) for k in ("model", "task")}
+    if was != {"model": args.model, "task": args.task}:
+        raise SystemExit(f"cannot resume: {path} is from a run with --model {was['model']} --task {was['task']}, not "
+                         f"--model {args.model} --task {args.task}: pass those, or choose another --output_dir")
+    return ckpt
+
+
+def previous_checkpoint_hint(path: Path, prev: Path) -> str:
+    try:
+        step = torch.load(prev, map_location="cpu", weights_only=False, mmap=True)["step"]
+    except Exception:  # noqa: BLE001 -- missing or unreadable too
+        return "no earlier checkpoint can be read: start over with --overwrite true or choose another --output_dir"
+    return (f"the previous checkpoint {prev} (step {step}) can be read: `mv {prev} {path}`, then run again with "
+            f"--resume true to continue from it")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Run plumbing: checkpoints, metrics, timing
 # ---------------------------------------------------------------------------------------------------------------
-def save_checkpoint(path, state: dict):
-    """Atomic: write a temp file, then rename over the old checkpoint (a crash never leaves half a file)."""
+def save_checkpoint(path, state: dict, keep_previous: bool = False):
+    """Atomic: write a temp file, then rename it over the old checkpoint (a crash never leaves half a file).
+    keep_previous: the old one becomes <name>.prev.pt first, so that one readable checkpoint is left even if the
+    newest is damaged later (a copy cut short); this costs the disk space of a second checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:  # a full disk: the old checkpoint is untouched
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"could not write {path} ({type(e).__name__}: {str(e)[:150]}; is the disk full?); the "
+                         f"checkpoint written before it is left as it was") from None
+    if keep_previous and path.exists():
+        os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))
     os.replace(tmp, path)
 
 
 def load_metrics(path) -> list:
-    path = Path(path)
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    """The records of a metrics.jsonl; a line cut short by a crash while it was written is skipped, with a note."""
+    path, out = Path(path), []
+    lines = path.read_text().splitlines() if path.exists() else []
+    for i, line in enumerate(lines, 1):
+        try:
+            if line.strip():
+                out.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"note: {path}:{i} is not a complete record (a crash while it was written?); skipped")
+    return out
 
 
 def append_metrics(path, record: dict):

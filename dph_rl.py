@@ -12,6 +12,7 @@
      (forward KL and alpha as options), token-mean, weight eta;
   5. routed per sample and combined as (N_exp/N) L_exp + eta (N_pef/N) L_pef (`share`, the official code's
      effective weighting) or L_exp + eta L_pef (`paper`); N and both token-means span the batch of every rank.
+Logs beside grpo.py's keys: loss/exp, policy/divergence (L_pef), pef/{prompts,exp_prompts,stored,split_pass@1,block}.
 
 CPU, embedded tiny model, ~3 minutes:  python dph_rl.py  (the first run also splits the 5,000 training prompts)
 GPU (pip install vllm):                python dph_rl.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k
@@ -33,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Samples, Timer, all_ranks_mean, all_ranks_sum, append_metrics, autocast, cache_root, collate,
-                    decode, drop_long_prompts, encode_prompts, evaluate, finite_weights, full_state, init_distributed,
-                    load_full_state, load_model_and_tokenizer, load_task, make_sampler, masked_mean, parse_task_name,
-                    pick_device, pick_dtype, resolve_model_path, save_checkpoint, save_final, score, stop_ids,
+from common import (ARG_RULES, Samples, Timer, Verifier, all_ranks_mean, all_ranks_sum, append_metrics, autocast,
+                    cache_root, check_args, claim_output_dir, collate, decode, drop_long_prompts, encode_prompts,
+                    evaluate, finite_weights, full_state, init_distributed, is_int, is_num, load_full_state,
+                    load_model_and_tokenizer, load_task, make_sampler, masked_mean, parse_task_name, pick_device,
+                    pick_dtype, read_checkpoint, resolve_model_path, save_checkpoint, save_final, stop_ids,
                     stream_seeds, token_logprobs, truncate_metrics, wrap_policy)
 
 
@@ -46,6 +48,8 @@ class Args:
     task: str = "countdown"  # countdown[:n numbers], arithmetic[:digits], gsm8k, math500, or a .jsonl path
     backend: str = "auto"  # sampler: hf | vllm | auto (vLLM when it imports and the device is CUDA)
     vllm_gpu_memory: float = 0.3  # share of the GPU's memory vLLM may take beside the trainer
+    verify_workers: int = -1  # verifier processes; -1 = 2 for math tasks (math-verify), 0 (in-process) for built-ins
+    verify_timeout: float = 60.0  # seconds a step's verification may take; what is left scores 0 (verify/timed_out)
     output_dir: str = "runs/dph_rl"  # metrics.jsonl, checkpoint.pt and final/ go here
     seed: int = 0  # seeds python/numpy/torch; sampling seeds derive from (seed, step, prompt)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
@@ -54,6 +58,7 @@ class Args:
     fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2), not DDP
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less activation memory
     resume: bool = False  # continue from <output_dir>/checkpoint.pt
+    overwrite: bool = False  # start over in an output_dir that holds a run (deletes its checkpoints and final/)
     max_steps: int = 200  # RL steps (one rollout batch each)
     prompts_per_step: int = 32  # P: prompts per step, over all ranks
     group_size: int = 8  # G: responses per prompt
@@ -68,7 +73,7 @@ class Args:
     micro_batch_size: int = 0  # sequences per forward (gradient accumulation; reference pass too); 0 = all
     eps_low: float = 0.2  # PPO clip: ratio >= 1 - eps_low
     eps_high: float = 0.28  # PPO clip: ratio <= 1 + eps_high. DPH-RL: clip-higher 0.28 (official scripts/llama/*.sh)
-    scale_std: bool = True  # divide the advantage by the group std (False = Dr. GRPO)
+    scale_std: bool = True  # divide the advantage by the group std (False: Dr. GRPO's advantage)
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean (original GRPO) | seq-mean-token-sum-norm (Dr. GRPO)
     logprob_chunk: int = 256  # response tokens projected to the vocabulary at a time (memory: bench/logprob_memory.py)
     eval_every: int = 10  # steps between evaluations on held-out prompts (0 = only at the end)
@@ -79,13 +84,28 @@ class Args:
     # DPH-RL (arXiv 2509.07430; where a default is a detail of the official code, the comment names its source)
     divergence: str = "js"  # f-divergence on D_pef: js (2 JS, the code's js_low_var) | forward_kl (k3) | alpha
     alpha: float = 0.2  # alpha-divergence order, in (0, 1): ->1 forward KL, ->0 reverse KL (official alpha.sh: 0.2)
-    eta: float = -1.0  # D_pef loss weight; < 0: js 0.2, forward_kl 0.05, alpha 0.05 (official README); 0 = DAPO
+    eta: float = -1.0  # D_pef loss weight; < 0: js 0.2 (the paper), forward_kl / alpha 0.05 (top of the official
+    #                   README's ranges: our pick); 0 = DAPO
     pef_weighting: str = "share"  # share: (N_exp/N) L_exp + eta (N_pef/N) L_pef (code) | paper: L_exp + eta L_pef
     pef_k: int = 8  # samples per training prompt in the offline split (official scripts/llama/offline_sampling.sh)
-    pef_min_correct: int = 8  # a prompt joins D_pef with at least this many correct of pef_k ("perfect": all k)
+    pef_min_correct: int = 8  # D_pef: at least this many correct of pef_k ("perfect": all k; the paper, while the
+    #                          official split script keeps 4 of the first 4)
     pef_split_prompts: int = 0  # split only the first N training prompts (the others stay in D_exp); 0 = all
     pef_per_step: int = 0  # stored D_pef rows per step, all ranks; 0 = P * G / 8 (official ray_trainer.py fit)
     dual_clip: float = 3.0  # for adv < 0 the token loss is at most -adv * dual_clip (verl's clip_ratio_c); 0 = off
+
+
+RULES = {  # DPH-RL's own arguments: (a test of the value v given all the arguments a, what it must be)
+    "divergence": (lambda v, a: v in ("js", "forward_kl", "alpha"), "be js, forward_kl or alpha"),
+    "alpha": (lambda v, a: is_num(v) and 0 < v < 1, "be in (0, 1)"),
+    "eta": (lambda v, a: is_num(v), "be a finite weight (< 0: the divergence's default)"),
+    "pef_weighting": (lambda v, a: v in ("share", "paper"), "be share or paper"),
+    "pef_k": (lambda v, a: is_int(v) and v >= 1, "be at least 1"),
+    "pef_min_correct": (lambda v, a: is_int(v) and 1 <= v <= a.pef_k, "be between 1 and --pef_k"),
+    "pef_split_prompts": (lambda v, a: is_int(v) and v >= 0, "be >= 0 (0 = all)"),
+    "pef_per_step": (lambda v, a: is_int(v) and v >= 0, "be >= 0 (0 = P * G / 8)"),
+    "dual_clip": (lambda v, a: is_num(v) and (v == 0 or v > 1), "be 0 (off) or > 1, as verl's clip_ratio_c"),
+}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -188,12 +208,14 @@ def split_pef(correct, min_correct: int):
 
 
 def build_pef(model, tok, sampler, examples: list, index: list, k: int, min_correct: int, max_new: int,
-              temperature: float, seed: int, chunk: int = 64, progress: bool = False) -> dict:
+              temperature: float, seed: int, chunk: int = 64, progress: bool = False, verifier=None) -> dict:
     """k samples per prompt from the initial policy -> D_pef / D_exp; one more sample per D_pef prompt, stored only
     if correct, with its per-token log pi_ref: the sampler's log-probs at the training temperature (top_p 1).
     `index`: the examples' positions in the training set. A prompt's streams derive from (seed, purpose, position)
     alone: the split does not depend on the ranks or chunks computing it, and the extra sample replays no split
-    sample. `chunk` prompts per generate call (a progress-bar step)."""
+    sample. `chunk` prompts per generate call (a progress-bar step). `verifier`: a common.Verifier (default: in this
+    process, no worker)."""
+    verifier = verifier or Verifier()
     n = max(index, default=-1) + 1
     split_seeds, extra_seeds = stream_seeds((seed, "pef_split"), n), stream_seeds((seed, "pef_extra"), n)
     res = {"pef_idx": [], "n_correct": [], "prompt_ids": [], "response_ids": [], "ref_logp": []}
@@ -202,12 +224,12 @@ def build_pef(model, tok, sampler, examples: list, index: list, k: int, min_corr
         prompts = encode_prompts(tok, ex)
         s = sampler.generate(model, prompts, k, max_new, temperature, [split_seeds[i] for i in idx])
         texts = decode(tok, s.response_ids)
-        correct = torch.tensor([score(e, t) == 1.0 for e, t in zip([e for e in ex for _ in range(k)], texts)])
+        correct = torch.tensor([r == 1.0 for r in verifier([e for e in ex for _ in range(k)], texts)])
         correct = correct.reshape(len(ex), k)  # [p, k]
         sel = split_pef(correct, min_correct).nonzero().flatten().tolist()  # the chunk's D_pef prompts
         x = sampler.generate(model, [prompts[i] for i in sel], 1, max_new, temperature,
                              [extra_seeds[idx[i]] for i in sel]) if sel else Samples([], [], [], [])  # M = 1
-        ok = [score(ex[i], t) == 1.0 for i, t in zip(sel, decode(tok, x.response_ids))]  # kept only if correct
+        ok = [r == 1.0 for r in verifier([ex[i] for i in sel], decode(tok, x.response_ids))]  # kept if correct
         res["pef_idx"] += [idx[i] for i in sel]
         res["n_correct"] += correct.sum(-1).tolist()
         for key, vals in (("prompt_ids", x.prompt_ids), ("response_ids", x.response_ids), ("ref_logp", x.logp)):
@@ -235,7 +257,8 @@ def take(batch: dict, idx) -> dict:
 # Training
 # ------------------------------------------------------------------------------------------------------------
 def main(args: Args):
-    # ---- setup: device, distributed, seed, dtype ----
+    # ---- setup: arguments, device, distributed, output folder, seed, dtype ----
+    check_args(args, {**ARG_RULES, **RULES})  # before any work: a bad setting fails in one sentence
     device = pick_device(args.device)
     rank, world = init_distributed(device)
     if world > 1 and device.type == "cuda":
@@ -252,11 +275,14 @@ def main(args: Args):
     n_prompts = args.prompts_per_step // world  # this rank's share; a group never spans ranks
     mine = slice(rank * n_prompts, (rank + 1) * n_prompts)  # this rank's prompts of the step's P
     out_dir, main_rank = Path(args.output_dir), rank == 0
+    claim_output_dir(out_dir, args.resume, args.overwrite, main_rank)  # never write over a run by accident
+    ckpt = read_checkpoint(out_dir, args) if args.resume else None  # before the model: a bad one fails in seconds
 
     # ---- data and model ----
     path = resolve_model_path(args.model, args.task)
     model, tok, stored_dtype = load_model_and_tokenizer(path, device)  # float32 master weights
     train, test = load_task(args.task)
+    verifier = Verifier(args.verify_workers if args.verify_workers >= 0 else 0 if builtin else 2, args.verify_timeout)
     max_prompt = min(args.max_prompt_len, getattr(model.config, "max_position_embeddings", 10**9) - max_new)
     train = drop_long_prompts(tok, train, max_prompt, "training", args.prompts_per_step)  # prompt + response fit
     test = drop_long_prompts(tok, test, max_prompt, "test", world)[: args.eval_prompts]
@@ -267,8 +293,7 @@ def main(args: Args):
     policy = wrap_policy(model, world, args.fsdp, dtype)  # the model itself, DDP, or FSDP2 (then model is sharded)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     start = 0
-    if args.resume and (out_dir / "checkpoint.pt").exists():
-        ckpt = torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)
+    if ckpt is not None:
         load_full_state(model, optimizer, ckpt)
         start = ckpt["step"]
         if main_rank:
@@ -297,7 +322,7 @@ def main(args: Args):
     if pef is None:  # each rank splits a contiguous share, so the gathered lists are in training-set order
         index = np.array_split(np.arange(n_split), world)[rank].tolist()
         pef = build_pef(model, tok, sampler, [train[i] for i in index], index, args.pef_k, args.pef_min_correct,
-                        max_new, args.temperature, args.seed, progress=main_rank)
+                        max_new, args.temperature, args.seed, progress=main_rank, verifier=verifier)
         if world > 1:
             parts = [None] * world
             torch.distributed.all_gather_object(parts, pef)
@@ -331,11 +356,13 @@ def main(args: Args):
                              f"{out_dir / 'checkpoint.pt'}")
         state = full_state(model, optimizer)  # float32, gathered from the shards under FSDP
         if main_rank:
-            save_checkpoint(out_dir / "checkpoint.pt", {**state, "step": step, "args": asdict(args)})
+            save_checkpoint(out_dir / "checkpoint.pt", {**state, "step": step, "args": asdict(args)},
+                            keep_previous=True)  # the one before stays as checkpoint.prev.pt
 
     def run_eval(step):  # every rank evaluates its share of the held-out prompts
         seeds = stream_seeds((args.seed, "eval", step), len(test))[rank::world]
-        res = evaluate(model, tok, sampler, test[rank::world], args.eval_samples, max_new, args.temperature, seeds)
+        res = evaluate(model, tok, sampler, test[rank::world], args.eval_samples, max_new, args.temperature, seeds,
+                       verifier)
         res = all_ranks_mean(res, weight=len(seeds))
         if main_rank:
             tqdm.write(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in res.items()))
@@ -345,8 +372,9 @@ def main(args: Args):
         res = run_eval(0)
         if main_rank:
             append_metrics(out_dir / "metrics.jsonl", {"step": 0, **res})
-    stop = []  # Ctrl-C: finish the current step, save, exit (a second Ctrl-C kills)
-    signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    stop = []  # Ctrl-C or SIGTERM (a scheduler's preemption): finish the current step, save, exit; a second one kills
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _: (stop.append(1), signal.signal(s, signal.SIG_DFL)))
 
     for step in tqdm(range(start, args.max_steps), disable=not main_rank, initial=start, total=args.max_steps):
         timer = Timer()
@@ -360,7 +388,7 @@ def main(args: Args):
         with timer("score"):
             texts = decode(tok, samples.response_ids)
             per_seq = [e for e in examples for _ in range(args.group_size)]
-            reward = torch.tensor([score(e, c) for e, c in zip(per_seq, texts)], device=device)  # [B]
+            reward = torch.tensor(verifier(per_seq, texts), device=device)  # [B]
         # DPH-RL: a block of stored D_pef samples joins the batch after the rollouts, with the stored log pi_ref in
         # place of old_logp: a random block per step (the official code tiles and shuffles the stored set), drawn
         # for all ranks at once, each rank taking its share, so that N ranks train on the rows 1 process would
@@ -373,7 +401,7 @@ def main(args: Args):
         batch["ref_logp"] = batch["old_logp"] * batch["is_pef"][:, None]  # [B+Bp, T]  DPH-RL: stored log pi_ref
 
         # ---- advantage ----
-        batch["adv"] = group_advantages(reward, args.group_size, args.scale_std)  # [B]  GRPO Eq. 3
+        batch["adv"] = group_advantages(reward, args.group_size, args.scale_std)  # [B]  GRPO's outcome advantage
         batch["adv"] = torch.cat([batch["adv"], reward.new_zeros(len(blk))])  # [B+Bp]  DPH-RL: none on D_pef rows
 
         # ---- update: epochs x mini-batches of PPO-clip steps ----
@@ -414,7 +442,7 @@ def main(args: Args):
                     "reward/solved_groups": (reward.reshape(-1, args.group_size).amax(-1) > 0).float().mean().item(),
                     "reward/zero_std_groups": (reward.reshape(-1, args.group_size).std(-1) == 0).float().mean().item(),
                     "response/len": lens.mean().item(), "perf/grad_norm": grad_norm,
-                    "response/truncated": float(np.mean([f == "length" for f in samples.finish])),
+                    "response/truncated": float(np.mean([f == "length" for f in samples.finish])), **verifier.last,
                     **pef_stats})  # DPH-RL
         rec.update({f"perf/{k}_s": v for k, v in timer.s.items()})
         rec = all_ranks_mean(rec)  # mean over ranks
@@ -441,6 +469,7 @@ def main(args: Args):
         weights = full_state(model)["model"]  # gathered on rank 0 under FSDP
         if main_rank:
             save_final(model, tok, out_dir / "final", weights, stored_dtype)
+    verifier.close()
     return model
 
 

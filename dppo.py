@@ -12,8 +12,10 @@ arXiv 2602.04879; official code github.com/sail-sg/Stable-RL). What changes agai
      on mu's top-K (K = 20) + the sampled token + an "other" bucket (Eq. 15/16; needs the sampler's top-K log-probs);
   5. Dr. GRPO (arXiv 2503.20783): advantage without the std division, constant normalizer (token sum / (B *
      max_new_tokens)), as the authors' verl script (verl examples/dppo_trainer/run_qwen30b_dppo.sh).
+Logs beside grpo.py's keys: policy/masked_frac{,_pos,_neg}, policy/divergence, policy/abs_pi_mu,
+policy/ppo_clipfrac, policy/is_capped.
 
-CPU, embedded tiny model, ~5 minutes:  python dppo.py
+CPU, embedded tiny model, ~2 minutes:  python dppo.py
 GPU (pip install vllm):                python dppo.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k --mini_batches 8
 Several GPUs, data parallel:           torchrun --nproc_per_node 8 dppo.py --model ... --task gsm8k
 A model too big for one GPU (FSDP2):   torchrun --nproc_per_node 8 dppo.py --model ... --fsdp true
@@ -30,11 +32,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (Timer, all_ranks_mean, all_ranks_sum, append_metrics, autocast, collate, decode,
-                    drop_long_prompts, encode_prompts, evaluate, finite_weights, full_state, init_distributed,
-                    load_full_state, load_model_and_tokenizer, load_task, make_sampler, masked_mean, parse_task_name,
-                    pick_device, pick_dtype, resolve_model_path, save_checkpoint, save_final, score, stop_ids,
-                    stream_seeds, token_logprobs, token_logprobs_nograd, truncate_metrics, wrap_policy)
+from common import (ARG_RULES, Timer, Verifier, all_ranks_mean, all_ranks_sum, append_metrics, autocast, check_args,
+                    claim_output_dir, collate, decode, drop_long_prompts, encode_prompts, evaluate, finite_weights,
+                    full_state, init_distributed, is_int, is_num, load_full_state, load_model_and_tokenizer, load_task,
+                    make_sampler, masked_mean, parse_task_name, pick_device, pick_dtype, read_checkpoint,
+                    resolve_model_path, save_checkpoint, save_final, stop_ids, stream_seeds, token_logprobs,
+                    token_logprobs_nograd, truncate_metrics, wrap_policy)
 
 
 @dataclass
@@ -43,6 +46,8 @@ class Args:
     task: str = "countdown"  # countdown[:n numbers], arithmetic[:digits], gsm8k, math500, or a .jsonl path
     backend: str = "auto"  # sampler: hf | vllm | auto (vLLM when it imports and the device is CUDA)
     vllm_gpu_memory: float = 0.3  # share of the GPU's memory vLLM may take beside the trainer
+    verify_workers: int = -1  # verifier processes; -1 = 2 for math tasks (math-verify), 0 (in-process) for built-ins
+    verify_timeout: float = 60.0  # seconds a step's verification may take; what is left scores 0 (verify/timed_out)
     output_dir: str = "runs/dppo"  # metrics.jsonl, checkpoint.pt and final/ go here
     seed: int = 0  # seeds python/numpy/torch; sampling seeds derive from (seed, step, prompt)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
@@ -51,6 +56,7 @@ class Args:
     fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2), not DDP
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less activation memory
     resume: bool = False  # continue from <output_dir>/checkpoint.pt
+    overwrite: bool = False  # start over in an output_dir that holds a run (deletes its checkpoints and final/)
     max_steps: int = 200  # RL steps (one rollout batch each)
     prompts_per_step: int = 32  # P: prompts per step, over all ranks
     group_size: int = 8  # G: responses per prompt
@@ -62,7 +68,8 @@ class Args:
     max_grad_norm: float = 1.0  # gradient-norm clipping
     epochs: int = 1  # passes over each rollout batch
     mini_batches: int = 4  # DPPO: optimizer steps per pass, 4 as the paper's stability runs (arXiv 2602.04879
-    #                        App. C); the gate acts from the second step on, once theta has left the rollout weights
+    #                        App. C); the gate acts where pi differs from mu: after the first step, and from the
+    #                        first under a sampler/trainer mismatch (bf16, vLLM)
     micro_batch_size: int = 0  # sequences per forward (gradient accumulation; reference pass too); 0 = all
     eps_low: float = 0.2  # DPPO: diagnostic only: policy/ppo_clipfrac = share of tokens PPO's gate would cut
     eps_high: float = 0.2  # DPPO: diagnostic only, the upper side of that gate
@@ -85,6 +92,16 @@ class Args:
     eval_samples: int = 16  # samples per held-out prompt: pass@k for k in 1, 8, 16 (where <= n) and n
     log_examples_every: int = 25  # print a few completions every N steps (0 = never)
     save_every: int = 25  # checkpoint every N steps (also at the end and on Ctrl-C)
+
+
+RULES = {  # DPPO's own arguments: (a test of the value v given all the arguments a, what it must be)
+    "divergence": (lambda v, a: v in ("binary_tv", "binary_kl", "topk_tv", "topk_kl"),
+                   "be binary_tv, binary_kl, topk_tv or topk_kl"),
+    "delta": (lambda v, a: is_num(v) and v >= 0, "be >= 0 (0 = the divergence's default)"),
+    "delta_low": (lambda v, a: is_num(v) and v >= 0, "be >= 0 (0 = --delta)"),
+    "is_cap": (lambda v, a: isinstance(v, (int, float)) and v > 0, "be > 0 (inf = no cap)"),
+    "topk": (lambda v, a: is_int(v) and v >= 1, "be at least 1"),
+}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -112,7 +129,7 @@ def aggregate(token_loss, mask, agg: str = "token-mean", max_len: int = None):
 
 def divergence(logp, behavior_logp, kind="binary_tv", topk_behavior_logp=None, topk_logp=None):
     """D(mu || pi) at each response token, without gradient, fp32 out. logp, behavior_logp: [B, T] log pi / log mu of
-    the sampled token; topk_*: [B, T, K] log mu / log pi on mu's top-K ids with the sampled token included (slots
+    the sampled token; topk_*: [B, T, K+1] log mu / log pi on mu's top-K ids with the sampled token included (slots
     at -inf count as absent, see with_sampled_token). Each estimate is a lower bound of the exact one (App. B)."""
     logp, behavior_logp = logp.detach().double(), behavior_logp.detach().double()  # [B, T]
     if kind == "binary_tv":  # |mu(y) - pi(y)|: TV of Bernoulli(m) vs Bernoulli(p)  Eq. 13
@@ -203,7 +220,8 @@ def take(batch: dict, idx) -> dict:
 # Training
 # ------------------------------------------------------------------------------------------------------------
 def main(args: Args):
-    # ---- setup: device, distributed, seed, dtype ----
+    # ---- setup: arguments, device, distributed, output folder, seed, dtype ----
+    check_args(args, {**ARG_RULES, **RULES})  # before any work: a bad setting fails in one sentence
     device = pick_device(args.device)
     rank, world = init_distributed(device)
     if world > 1 and device.type == "cuda":
@@ -216,19 +234,19 @@ def main(args: Args):
     lr = args.lr or (3e-4 if args.model == "tiny" else 1e-6)
     delta = args.delta or (0.15 if args.divergence.endswith("tv") else 0.05)  # DPPO: App. C
     topk = args.topk if args.divergence.startswith("topk") else 0  # DPPO: mu's top-K only for topk_*
-    if args.divergence not in ("binary_tv", "binary_kl", "topk_tv", "topk_kl") or args.topk < 1:  # DPPO
-        raise SystemExit(f"--divergence must be binary_tv, binary_kl, topk_tv or topk_kl (not {args.divergence!r}) "
-                         f"and --topk >= 1 (not {args.topk})")
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must divide by the {world} ranks")
     n_prompts = args.prompts_per_step // world  # this rank's share; a group never spans ranks
     mine = slice(rank * n_prompts, (rank + 1) * n_prompts)  # this rank's prompts of the step's P
     out_dir, main_rank = Path(args.output_dir), rank == 0
+    claim_output_dir(out_dir, args.resume, args.overwrite, main_rank)  # never write over a run by accident
+    ckpt = read_checkpoint(out_dir, args) if args.resume else None  # before the model: a bad one fails in seconds
 
     # ---- data and model ----
     path = resolve_model_path(args.model, args.task)
     model, tok, stored_dtype = load_model_and_tokenizer(path, device)  # float32 master weights
     train, test = load_task(args.task)
+    verifier = Verifier(args.verify_workers if args.verify_workers >= 0 else 0 if builtin else 2, args.verify_timeout)
     max_prompt = min(args.max_prompt_len, getattr(model.config, "max_position_embeddings", 10**9) - max_new)
     train = drop_long_prompts(tok, train, max_prompt, "training", args.prompts_per_step)  # prompt + response fit
     test = drop_long_prompts(tok, test, max_prompt, "test", world)[: args.eval_prompts]
@@ -241,8 +259,7 @@ def main(args: Args):
     ref_model = wrap_policy(ref_model, world, True, dtype) if args.fsdp and ref_model is not None else ref_model
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     start = 0
-    if args.resume and (out_dir / "checkpoint.pt").exists():
-        ckpt = torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)
+    if ckpt is not None:
         load_full_state(model, optimizer, ckpt)
         start = ckpt["step"]
         if main_rank:
@@ -260,11 +277,13 @@ def main(args: Args):
                              f"{out_dir / 'checkpoint.pt'}")
         state = full_state(model, optimizer)  # float32, gathered from the shards under FSDP
         if main_rank:
-            save_checkpoint(out_dir / "checkpoint.pt", {**state, "step": step, "args": asdict(args)})
+            save_checkpoint(out_dir / "checkpoint.pt", {**state, "step": step, "args": asdict(args)},
+                            keep_previous=True)  # the one before stays as checkpoint.prev.pt
 
     def run_eval(step):  # every rank evaluates its share of the held-out prompts
         seeds = stream_seeds((args.seed, "eval", step), len(test))[rank::world]
-        res = evaluate(model, tok, sampler, test[rank::world], args.eval_samples, max_new, args.temperature, seeds)
+        res = evaluate(model, tok, sampler, test[rank::world], args.eval_samples, max_new, args.temperature, seeds,
+                       verifier)
         res = all_ranks_mean(res, weight=len(seeds))
         if main_rank:
             tqdm.write(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in res.items()))
@@ -274,8 +293,9 @@ def main(args: Args):
         res = run_eval(0)
         if main_rank:
             append_metrics(out_dir / "metrics.jsonl", {"step": 0, **res})
-    stop = []  # Ctrl-C: finish the current step, save, exit (a second Ctrl-C kills)
-    signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    stop = []  # Ctrl-C or SIGTERM (a scheduler's preemption): finish the current step, save, exit; a second one kills
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _: (stop.append(1), signal.signal(s, signal.SIG_DFL)))
 
     for step in tqdm(range(start, args.max_steps), disable=not main_rank, initial=start, total=args.max_steps):
         timer = Timer()
@@ -290,7 +310,7 @@ def main(args: Args):
         with timer("score"):
             texts = decode(tok, samples.response_ids)
             per_seq = [e for e in examples for _ in range(args.group_size)]
-            reward = torch.tensor([score(e, c) for e, c in zip(per_seq, texts)], device=device)  # [B]
+            reward = torch.tensor(verifier(per_seq, texts), device=device)  # [B]
         batch = collate(samples, tok.pad_token_id, device)  # input_ids [B, Tp+T]; mask, old_logp [B, T]
         # DPPO: old_logp is mu, the sampler's own log-probs, the anchor of every mini-batch (Sec. 5.2)
 
@@ -351,7 +371,7 @@ def main(args: Args):
                     "reward/solved_groups": (reward.reshape(-1, args.group_size).amax(-1) > 0).float().mean().item(),
                     "reward/zero_std_groups": (reward.reshape(-1, args.group_size).std(-1) == 0).float().mean().item(),
                     "response/len": lens.mean().item(), "perf/grad_norm": grad_norm,
-                    "response/truncated": float(np.mean([f == "length" for f in samples.finish]))})
+                    "response/truncated": float(np.mean([f == "length" for f in samples.finish])), **verifier.last})
         rec.update({f"perf/{k}_s": v for k, v in timer.s.items()})
         rec = all_ranks_mean(rec)  # mean over ranks
         rec["step"] = step + 1  # optimizer updates done
@@ -376,6 +396,7 @@ def main(args: Args):
         weights = full_state(model)["model"]  # gathered on rank 0 under FSDP
         if main_rank:
             save_final(model, tok, out_dir / "final", weights, stored_dtype)
+    verifier.close()
     return model
 
 

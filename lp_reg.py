@@ -12,6 +12,7 @@ Deviations from grpo.py:
   4. every other token gets the PPO min with clip range [0, 10] (eps_low 1, eps_high 9); token-mean over all tokens;
   5. |S| is logged every step (policy/lp_selected): with fewer than 2 / rho negative tokens nothing is selected and
      the step is plain GRPO (the official code's k <= 1 rule).
+Logs beside grpo.py's keys: policy/lp_{selected,candidates,kl,active_ranks}, policy/proxy_kept.
 
 CPU, embedded tiny model, ~2 minutes:  python lp_reg.py
 GPU (pip install vllm):                python lp_reg.py --model Qwen/Qwen2.5-0.5B-Instruct --task gsm8k
@@ -30,12 +31,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (Timer, all_ranks_mean, all_ranks_sum, append_metrics, autocast, collate, decode,
-                    drop_long_prompts, encode_prompts, evaluate, finite_weights, full_state, init_distributed,
-                    load_full_state, load_model_and_tokenizer, load_task, make_sampler, masked_mean, output_weight,
-                    parse_task_name, pick_device, pick_dtype, resolve_model_path, response_hidden, save_checkpoint,
-                    save_final, score, stop_ids, stream_seeds, token_logprobs, token_logprobs_nograd,
-                    truncate_metrics, wrap_policy)
+from common import (ARG_RULES, Timer, Verifier, all_ranks_mean, all_ranks_sum, append_metrics, autocast, check_args,
+                    claim_output_dir, collate, decode, drop_long_prompts, encode_prompts, evaluate, finite_weights,
+                    full_state, init_distributed, is_int, is_num, load_full_state, load_model_and_tokenizer, load_task,
+                    make_sampler, masked_mean, output_weight, parse_task_name, pick_device, pick_dtype,
+                    read_checkpoint, resolve_model_path, response_hidden, save_checkpoint, save_final, stop_ids,
+                    stream_seeds, token_logprobs, token_logprobs_nograd, truncate_metrics, wrap_policy)
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Args:
     task: str = "countdown"  # countdown[:n numbers], arithmetic[:digits], gsm8k, math500, or a .jsonl path
     backend: str = "auto"  # sampler: hf | vllm | auto (vLLM when it imports and the device is CUDA)
     vllm_gpu_memory: float = 0.3  # share of the GPU's memory vLLM may take beside the trainer
+    verify_workers: int = -1  # verifier processes; -1 = 2 for math tasks (math-verify), 0 (in-process) for built-ins
+    verify_timeout: float = 60.0  # seconds a step's verification may take; what is left scores 0 (verify/timed_out)
     output_dir: str = "runs/lp_reg"  # metrics.jsonl, checkpoint.pt and final/ go here
     seed: int = 0  # seeds python/numpy/torch; sampling seeds derive from (seed, step, prompt)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
@@ -52,6 +55,7 @@ class Args:
     fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2), not DDP
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less activation memory
     resume: bool = False  # continue from <output_dir>/checkpoint.pt
+    overwrite: bool = False  # start over in an output_dir that holds a run (deletes its checkpoints and final/)
     max_steps: int = 200  # RL steps (one rollout batch each)
     prompts_per_step: int = 32  # P: prompts per step, over all ranks
     group_size: int = 8  # G: responses per prompt
@@ -67,7 +71,7 @@ class Args:
     eps_low: float = 1.0  # LP_REG: PPO clip: ratio >= 1 - eps_low = 0 (Eq. 6 removes the lower clip bound)
     eps_high: float = 9.0  # LP_REG: PPO clip: ratio <= 1 + eps_high = U = 10 (Eq. 6: for numerical stability)
     beta: float = 0.0  # k3 KL to the initial policy; 0 loads no reference model
-    scale_std: bool = True  # divide the advantage by the group std (False = Dr. GRPO)
+    scale_std: bool = True  # divide the advantage by the group std (False: Dr. GRPO's advantage)
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean (original GRPO) | seq-mean-token-sum-norm (Dr. GRPO)
     kappa: float = 0.02  # LP_REG: min-p filter of the proxy: keep tokens with p >= kappa * max p
     rho: float = 0.01  # LP_REG: share of the negative-advantage tokens (lowest current prob) that may be regularized
@@ -82,6 +86,15 @@ class Args:
     eval_samples: int = 16  # samples per held-out prompt: pass@k for k in 1, 8, 16 (where <= n) and n
     log_examples_every: int = 25  # print a few completions every N steps (0 = never)
     save_every: int = 25  # checkpoint every N steps (also at the end and on Ctrl-C)
+
+
+RULES = {  # Lp-Reg's own arguments: (a test of the value v given all the arguments a, what it must be)
+    "kappa": (lambda v, a: is_num(v) and 0 <= v <= 1, "be in [0, 1]: the proxy keeps p >= kappa * max p"),
+    "rho": (lambda v, a: is_num(v) and 0 < v <= 1, "be in (0, 1]: a share of the negative-advantage tokens"),
+    "lp_beta": (lambda v, a: is_num(v) and v >= 0, "be >= 0"),
+    "select_scope": (lambda v, a: v in ("mini-batch", "micro-batch"), "be mini-batch or micro-batch"),
+    "full_kl_k": (lambda v, a: is_int(v) and v >= 0, "be >= 0 (0 = the sampled-token k3)"),
+}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -257,7 +270,8 @@ def take(batch: dict, idx) -> dict:
 # Training
 # ------------------------------------------------------------------------------------------------------------
 def main(args: Args):
-    # ---- setup: device, distributed, seed, dtype ----
+    # ---- setup: arguments, device, distributed, output folder, seed, dtype ----
+    check_args(args, {**ARG_RULES, **RULES})  # before any work: a bad setting fails in one sentence
     device = pick_device(args.device)
     rank, world = init_distributed(device)
     if world > 1 and device.type == "cuda":
@@ -275,11 +289,14 @@ def main(args: Args):
     n_prompts = args.prompts_per_step // world  # this rank's share; a group never spans ranks
     mine = slice(rank * n_prompts, (rank + 1) * n_prompts)  # this rank's prompts of the step's P
     out_dir, main_rank = Path(args.output_dir), rank == 0
+    claim_output_dir(out_dir, args.resume, args.overwrite, main_rank)  # never write over a run by accident
+    ckpt = read_checkpoint(out_dir, args) if args.resume else None  # before the model: a bad one fails in seconds
 
     # ---- data and model ----
     path = resolve_model_path(args.model, args.task)
     model, tok, stored_dtype = load_model_and_tokenizer(path, device)  # float32 master weights
     train, test = load_task(args.task)
+    verifier = Verifier(args.verify_workers if args.verify_workers >= 0 else 0 if builtin else 2, args.verify_timeout)
     max_prompt = min(args.max_prompt_len, getattr(model.config, "max_position_embeddings", 10**9) - max_new)
     train = drop_long_prompts(tok, train, max_prompt, "training", args.prompts_per_step)  # prompt + response fit
     test = drop_long_prompts(tok, test, max_prompt, "test", world)[: args.eval_prompts]
@@ -292,8 +309,7 @@ def main(args: Args):
     ref_model = wrap_policy(ref_model, world, True, dtype) if args.fsdp and ref_model is not None else ref_model
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     start = 0
-    if args.resume and (out_dir / "checkpoint.pt").exists():
-        ckpt = torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)
+    if ckpt is not None:
         load_full_state(model, optimizer, ckpt)
         start = ckpt["step"]
         if main_rank:
@@ -311,11 +327,13 @@ def main(args: Args):
                              f"{out_dir / 'checkpoint.pt'}")
         state = full_state(model, optimizer)  # float32, gathered from the shards under FSDP
         if main_rank:
-            save_checkpoint(out_dir / "checkpoint.pt", {**state, "step": step, "args": asdict(args)})
+            save_checkpoint(out_dir / "checkpoint.pt", {**state, "step": step, "args": asdict(args)},
+                            keep_previous=True)  # the one before stays as checkpoint.prev.pt
 
     def run_eval(step):  # every rank evaluates its share of the held-out prompts
         seeds = stream_seeds((args.seed, "eval", step), len(test))[rank::world]
-        res = evaluate(model, tok, sampler, test[rank::world], args.eval_samples, max_new, args.temperature, seeds)
+        res = evaluate(model, tok, sampler, test[rank::world], args.eval_samples, max_new, args.temperature, seeds,
+                       verifier)
         res = all_ranks_mean(res, weight=len(seeds))
         if main_rank:
             tqdm.write(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in res.items()))
@@ -325,8 +343,9 @@ def main(args: Args):
         res = run_eval(0)
         if main_rank:
             append_metrics(out_dir / "metrics.jsonl", {"step": 0, **res})
-    stop = []  # Ctrl-C: finish the current step, save, exit (a second Ctrl-C kills)
-    signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    stop = []  # Ctrl-C or SIGTERM (a scheduler's preemption): finish the current step, save, exit; a second one kills
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _: (stop.append(1), signal.signal(s, signal.SIG_DFL)))
 
     for step in tqdm(range(start, args.max_steps), disable=not main_rank, initial=start, total=args.max_steps):
         timer = Timer()
@@ -340,11 +359,11 @@ def main(args: Args):
         with timer("score"):
             texts = decode(tok, samples.response_ids)
             per_seq = [e for e in examples for _ in range(args.group_size)]
-            reward = torch.tensor([score(e, c) for e, c in zip(per_seq, texts)], device=device)  # [B]
+            reward = torch.tensor(verifier(per_seq, texts), device=device)  # [B]
         batch = collate(samples, tok.pad_token_id, device)  # input_ids [B, Tp+T]; mask, old_logp [B, T]
 
         # ---- advantage ----
-        batch["adv"] = group_advantages(reward, args.group_size, args.scale_std)  # [B]  GRPO Eq. 3
+        batch["adv"] = group_advantages(reward, args.group_size, args.scale_std)  # [B]  GRPO's outcome advantage
         with timer("logp"), autocast(device, dtype):
             if ref_model is not None:
                 batch["ref_logp"] = token_logprobs_nograd(ref_model, batch, args.micro_batch_size,
@@ -411,7 +430,7 @@ def main(args: Args):
                     "reward/solved_groups": (reward.reshape(-1, args.group_size).amax(-1) > 0).float().mean().item(),
                     "reward/zero_std_groups": (reward.reshape(-1, args.group_size).std(-1) == 0).float().mean().item(),
                     "response/len": lens.mean().item(), "perf/grad_norm": grad_norm,
-                    "response/truncated": float(np.mean([f == "length" for f in samples.finish]))})
+                    "response/truncated": float(np.mean([f == "length" for f in samples.finish])), **verifier.last})
         rec.update({f"perf/{k}_s": v for k, v in timer.s.items()})
         rec = all_ranks_mean(rec)  # mean over ranks
         rec["step"] = step + 1  # optimizer updates done
@@ -437,6 +456,7 @@ def main(args: Args):
         weights = full_state(model)["model"]  # gathered on rank 0 under FSDP
         if main_rank:
             save_final(model, tok, out_dir / "final", weights, stored_dtype)
+    verifier.close()
     return model
 
 

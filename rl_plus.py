@@ -1,7 +1,7 @@
 """RL-PLUS: GRPO with one external solution in every group (Dong et al. 2025, arXiv 2508.00222).
 
 The paper names two components, Multiple Importance Sampling (MIS) for the external data and an Exploration-Based
-Advantage Function (EAF). The defaults follow the official code, which produced the paper's numbers:
+Advantage Function (EAF). Their defaults follow the official code, which produced the paper's numbers:
 github.com/YihongDong/RL-PLUS, exp_scripts/train_RL-PLUS.sh and rlplus_core_alg.compute_token_on_off_policy_loss.
 What changes from grpo.py:
   1. each group is G-1 on-policy rollouts plus 1 external response, the task's worked solution (+ eos), scored by the
@@ -11,6 +11,7 @@ What changes from grpo.py:
   4. external tokens: the MIS weight p / (0.75 p_old + 0.25) times the EAF factor (1 - sg(p))^gamma, gamma = 0.5;
   5. token sum / (N * L_max), L_max the response cap (the code's loss_remove_token_mean=True), minus 0.001 x the
      mean token entropy (entropy_coeff=0.001); no KL (use_kl_loss=False).
+Logs beside grpo.py's keys: policy/mis_weight, policy/eaf, policy/external_prob.
 
 CPU, embedded tiny model, ~2 minutes:  python rl_plus.py
 Past the tiny model's boundary:        python rl_plus.py --task countdown:4   (pass@16 is 0 at step 0)
@@ -29,12 +30,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (Samples, Timer, all_ranks_mean, all_ranks_sum, append_metrics, autocast, collate, decode,
-                    drop_long_prompts, encode_prompts, evaluate, finite_weights, full_state, init_distributed,
-                    load_full_state, load_model_and_tokenizer, load_task, make_sampler, masked_mean, parse_task_name,
-                    pick_device, pick_dtype, resolve_model_path, save_checkpoint, save_final, score, stop_ids,
+from common import (ARG_RULES, Samples, Timer, Verifier, all_ranks_mean, all_ranks_sum, append_metrics, autocast,
+                    check_args, claim_output_dir, collate, decode, drop_long_prompts, encode_prompts, evaluate,
+                    finite_weights, flag, full_state, init_distributed, is_num, load_full_state,
+                    load_model_and_tokenizer, load_task, make_sampler, masked_mean, parse_task_name, pick_device,
+                    pick_dtype, read_checkpoint, resolve_model_path, save_checkpoint, save_final, stop_ids,
                     stream_seeds, token_logprobs, token_logprobs_nograd, truncate_metrics,
-                    wrap_policy)  # RL_PLUS: + Samples
+                    wrap_policy)  # RL_PLUS: + Samples, flag, is_num
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Args:
     task: str = "countdown"  # countdown[:n numbers], arithmetic[:digits], gsm8k, math500, or a .jsonl path
     backend: str = "auto"  # sampler: hf | vllm | auto (vLLM when it imports and the device is CUDA)
     vllm_gpu_memory: float = 0.3  # share of the GPU's memory vLLM may take beside the trainer
+    verify_workers: int = -1  # verifier processes; -1 = 2 for math tasks (math-verify), 0 (in-process) for built-ins
+    verify_timeout: float = 60.0  # seconds a step's verification may take; what is left scores 0 (verify/timed_out)
     output_dir: str = "runs/rl_plus"  # metrics.jsonl, checkpoint.pt and final/ go here
     seed: int = 0  # seeds python/numpy/torch; sampling seeds derive from (seed, step, prompt)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
@@ -51,6 +55,7 @@ class Args:
     fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2), not DDP
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less activation memory
     resume: bool = False  # continue from <output_dir>/checkpoint.pt
+    overwrite: bool = False  # start over in an output_dir that holds a run (deletes its checkpoints and final/)
     max_steps: int = 200  # RL steps (one rollout batch each)
     prompts_per_step: int = 32  # P: prompts per step, over all ranks
     group_size: int = 8  # G: responses per prompt: G-1 on-policy + 1 external (the code: rollout.n=8, n_prefix=1)
@@ -71,13 +76,22 @@ class Args:
     gamma: float = 0.5  # exponent of the exploration factor (1 - sg(p))^gamma on external tokens (0.5 in the code)
     mis_u: float = 1.0  # U in pi_omega_hat = (p_old + U) / 2: 1 = the official code; 0 = the paper's U read as 1/|V|
     clip_internal: bool = False  # PPO-clip the internal tokens' ratio (eps_low/eps_high); off in the code
-    ent_coef: float = 0.001  # entropy bonus on the token-mean entropy of all response tokens (the code's entropy_coeff)
+    ent_coef: float = 0.001  # entropy bonus on the token-mean entropy of the response tokens (the code's entropy_coeff
+    #                         value; its normalisation differs: docs/rl_plus.md)
     logprob_chunk: int = 256  # response tokens projected to the vocabulary at a time (memory: bench/logprob_memory.py)
     eval_every: int = 10  # steps between evaluations on held-out prompts (0 = only at the end)
     eval_prompts: int = 128  # held-out prompts per evaluation
     eval_samples: int = 16  # samples per held-out prompt: pass@k for k in 1, 8, 16 (where <= n) and n
     log_examples_every: int = 25  # print a few completions every N steps (0 = never)
     save_every: int = 25  # checkpoint every N steps (also at the end and on Ctrl-C)
+
+
+RULES = {  # RL-PLUS's own arguments: (a test of the value v given all the arguments a, what it must be)
+    "gamma": (lambda v, a: is_num(v) and v >= 0, "be >= 0"),
+    "mis_u": (lambda v, a: is_num(v) and v >= 0, "be >= 0"),
+    "clip_internal": (flag, "be true or false"),
+    "ent_coef": (lambda v, a: is_num(v) and v >= 0, "be >= 0"),
+}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -198,7 +212,8 @@ def with_external(samples: Samples, ext_ids: list, n_internal: int) -> Samples:
 # Training
 # ------------------------------------------------------------------------------------------------------------
 def main(args: Args):
-    # ---- setup: device, distributed, seed, dtype ----
+    # ---- setup: arguments, device, distributed, output folder, seed, dtype ----
+    check_args(args, {**ARG_RULES, **RULES})  # before any work: a bad setting fails in one sentence
     device = pick_device(args.device)
     rank, world = init_distributed(device)
     if world > 1 and device.type == "cuda":
@@ -213,14 +228,15 @@ def main(args: Args):
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must divide by the {world} ranks")
     n_prompts = args.prompts_per_step // world  # this rank's share; a group never spans ranks
     mine = slice(rank * n_prompts, (rank + 1) * n_prompts)  # this rank's prompts of the step's P
-    if args.group_size < 2:  # RL_PLUS: G-1 >= 1 on-policy rollouts + 1 external per group
-        raise SystemExit("--group_size must be at least 2: G-1 on-policy rollouts plus 1 external solution")
     out_dir, main_rank = Path(args.output_dir), rank == 0
+    claim_output_dir(out_dir, args.resume, args.overwrite, main_rank)  # never write over a run by accident
+    ckpt = read_checkpoint(out_dir, args) if args.resume else None  # before the model: a bad one fails in seconds
 
     # ---- data and model ----
     path = resolve_model_path(args.model, args.task)
     model, tok, stored_dtype = load_model_and_tokenizer(path, device)  # float32 master weights
     train, test = load_task(args.task)
+    verifier = Verifier(args.verify_workers if args.verify_workers >= 0 else 0 if builtin else 2, args.verify_timeout)
     max_prompt = min(args.max_prompt_len, getattr(model.config, "max_position_embeddings", 10**9) - max_new)
     train = keep_with_solution(tok, train, max_new)  # RL_PLUS: every training prompt brings its external solution
     train = drop_long_prompts(tok, train, max_prompt, "training", args.prompts_per_step)  # prompt + response fit
@@ -236,8 +252,7 @@ def main(args: Args):
     ref_model = wrap_policy(ref_model, world, True, dtype) if args.fsdp and ref_model is not None else ref_model
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
     start = 0
-    if args.resume and (out_dir / "checkpoint.pt").exists():
-        ckpt = torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)
+    if ckpt is not None:
         load_full_state(model, optimizer, ckpt)
         start = ckpt["step"]
         if main_rank:
@@ -255,11 +270,13 @@ def main(args: Args):
                              f"{out_dir / 'checkpoint.pt'}")
         state = full_state(model, optimizer)  # float32, gathered from the shards under FSDP
         if main_rank:
-            save_checkpoint(out_dir / "checkpoint.pt", {**state, "step": step, "args": asdict(args)})
+            save_checkpoint(out_dir / "checkpoint.pt", {**state, "step": step, "args": asdict(args)},
+                            keep_previous=True)  # the one before stays as checkpoint.prev.pt
 
     def run_eval(step):  # every rank evaluates its share of the held-out prompts
         seeds = stream_seeds((args.seed, "eval", step), len(test))[rank::world]
-        res = evaluate(model, tok, sampler, test[rank::world], args.eval_samples, max_new, args.temperature, seeds)
+        res = evaluate(model, tok, sampler, test[rank::world], args.eval_samples, max_new, args.temperature, seeds,
+                       verifier)
         res = all_ranks_mean(res, weight=len(seeds))
         if main_rank:
             tqdm.write(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in res.items()))
@@ -269,8 +286,9 @@ def main(args: Args):
         res = run_eval(0)
         if main_rank:
             append_metrics(out_dir / "metrics.jsonl", {"step": 0, **res})
-    stop = []  # Ctrl-C: finish the current step, save, exit (a second Ctrl-C kills)
-    signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    stop = []  # Ctrl-C or SIGTERM (a scheduler's preemption): finish the current step, save, exit; a second one kills
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _: (stop.append(1), signal.signal(s, signal.SIG_DFL)))
 
     for step in tqdm(range(start, args.max_steps), disable=not main_rank, initial=start, total=args.max_steps):
         timer = Timer()
@@ -285,7 +303,7 @@ def main(args: Args):
         with timer("score"):
             texts = decode(tok, merged.response_ids)  # RL_PLUS: the external one is scored by the same verifier
             per_seq = [e for e in examples for _ in range(args.group_size)]
-            reward = torch.tensor([score(e, c) for e, c in zip(per_seq, texts)], device=device)  # [B]
+            reward = torch.tensor(verifier(per_seq, texts), device=device)  # [B]
         batch = collate(merged, tok.pad_token_id, device)  # input_ids [B, Tp+T]; mask, old_logp [B, T]
         is_ext = torch.arange(len(reward), device=device) % args.group_size == args.group_size - 1  # [B] RL_PLUS
         batch["is_external"] = is_ext  # [B]  a group never spans ranks, so neither does its external row
@@ -347,7 +365,7 @@ def main(args: Args):
                     "reward/zero_std_groups": (reward.reshape(-1, args.group_size).std(-1) == 0).float().mean().item(),
                     "reward/external": reward[is_ext].mean().item(),  # RL_PLUS: the external solutions' reward
                     "response/len": lens.mean().item(), "perf/grad_norm": grad_norm,
-                    "response/truncated": float(np.mean([f == "length" for f in samples.finish]))})
+                    "response/truncated": float(np.mean([f == "length" for f in samples.finish])), **verifier.last})
         rec.update({f"perf/{k}_s": v for k, v in timer.s.items()})
         rec = all_ranks_mean(rec)  # mean over ranks
         rec["step"] = step + 1  # optimizer updates done
@@ -373,6 +391,7 @@ def main(args: Args):
         weights = full_state(model)["model"]  # gathered on rank 0 under FSDP
         if main_rank:
             save_final(model, tok, out_dir / "final", weights, stored_dtype)
+    verifier.close()
     return model
 
 

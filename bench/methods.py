@@ -33,7 +33,8 @@ def run(method: str, seed: int, steps: int, eval_every: int, out: Path) -> list:
         file, extra = VARIANTS.get(method, (method, []))
         subprocess.run([sys.executable, str(ROOT / f"{file}.py"), "--seed", str(seed), "--max_steps", str(steps),
                         "--eval_every", str(eval_every), "--log_examples_every", "0", "--save_every", "100000",
-                        "--output_dir", str(d), *extra], check=True, capture_output=True, cwd=ROOT)
+                        "--output_dir", str(d), "--overwrite", "true", *extra],  # an unfinished run: anew
+                       check=True, capture_output=True, cwd=ROOT)
         recs = [json.loads(x) for x in f.read_text().splitlines()]
     return recs[1:]
 

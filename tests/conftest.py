@@ -94,3 +94,18 @@ def assert_same_as_one_process(one_dir, two_dir, keys=("reward/mean", "response/
         assert b["perf/grad_norm"] == pytest.approx(a["perf/grad_norm"], rel=1e-4)
     assert max_weight_diff(one_dir, two_dir) < 1e-4
     assert (two_dir / "final" / "model.safetensors").exists()
+
+
+SLOW_FIXTURES = {"tiny_cache", "standin", "one_process_run"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a trainer, builds a model or starts processes (minutes in all)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs a built model is `slow`: `pytest -m "not slow"` runs the unit tests alone, in about a
+    minute, which is what mutation testing runs against each mutant (README, Tests)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

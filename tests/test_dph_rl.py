@@ -265,7 +265,7 @@ def test_build_pef_split_and_wrong_extra_sample(tok):
 
 
 def test_stored_ref_logp_is_the_initial_model_at_the_training_temperature(tok, rand_model, monkeypatch):
-    monkeypatch.setattr(dph_rl, "score", lambda e, c: 1.0)  # every sample "correct": all prompts stored
+    monkeypatch.setattr(common, "score", lambda e, c: 1.0)  # every sample "correct": all prompts stored
     ex = [Example("countdown", f"Q:{i},2,3->6 A:", "", f"{i},2,3->6") for i in range(1, 7)]
     res = build_pef(rand_model, tok, HFSampler(tok, [tok.eos_token_id]), ex, list(range(6)), 4, 4, 8, 0.7, seed=3)
     assert len(res["ref_logp"]) == 6
@@ -292,7 +292,7 @@ def test_extra_sample_is_not_a_replay_of_a_split_sample(tok, rand_model, monkeyp
     """Regression: the extra sample's seed was the split's seed + 1, and vLLM seeds child j of a prompt with seed + j,
     so the stored sample was split sample #1 again: a sample the D_pef selection had already conditioned on. A replay
     would match on all 40 prompts; independent draws match on a handful at most (a response can be just EOS)."""
-    monkeypatch.setattr(dph_rl, "score", lambda e, c: 1.0)  # every prompt in D_pef, every extra sample stored
+    monkeypatch.setattr(common, "score", lambda e, c: 1.0)  # every prompt in D_pef, every extra sample stored
     ex = [Example("countdown", f"Q:{i % 10},{i // 10},3->6 A:", "", "") for i in range(40)]
     rec = Recording(HFSampler(tok, [tok.eos_token_id]))
     res = build_pef(rand_model, tok, rec, ex, list(range(40)), 4, 4, 8, 1.0, seed=0)
@@ -305,7 +305,7 @@ def test_extra_sample_is_not_a_replay_of_a_split_sample(tok, rand_model, monkeyp
 def test_split_does_not_depend_on_ranks_or_chunks(tok, rand_model, monkeypatch):
     """Each prompt samples from streams of (seed, its position in the training set): two contiguous halves split
     apart in chunks of 7 (what two ranks do) give exactly the split of the whole in one chunk."""
-    monkeypatch.setattr(dph_rl, "score", lambda e, c: float(len(c) % 2 == 0))  # some prompts in D_pef, some not
+    monkeypatch.setattr(common, "score", lambda e, c: float(len(c) % 2 == 0))  # some prompts in D_pef, some not
     ex = [Example("countdown", f"Q:{i % 10},{i // 10},3->6 A:", "", "") for i in range(30)]
     sampler = HFSampler(tok, [tok.eos_token_id])
     whole = build_pef(rand_model, tok, sampler, ex, list(range(30)), 4, 2, 8, 1.0, seed=5)

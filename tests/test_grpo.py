@@ -239,7 +239,9 @@ def test_evaluation_does_not_change_training(tiny_cache, tmp_path):
     assert train(a) == train(b) and len(train(a)) == 4
 
 
-def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_cache, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_finishes_the_step_saves_and_resumes(tiny_cache, tmp_path, sig):
+    """Ctrl-C, or the SIGTERM a scheduler sends before it preempts a job (it used to kill the run at once)."""
     import os
     import signal
     import subprocess
@@ -254,7 +256,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tiny_cache, tmp_path):
     steps = lambda: len(records(tmp_path)) - 1 if (tmp_path / "metrics.jsonl").exists() else 0  # noqa: E731
     while time.time() < deadline and steps() < 3:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:]
     assert "interrupted: saved" in out

@@ -37,3 +37,18 @@ def test_no_py_file_cites_a_document_outside_the_repository():
             if names or outside in line:
                 bad.append(f"{f.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
     assert not bad, "\n".join(bad)
+
+
+def test_every_test_the_readme_names_exists():
+    """The README's guarantees name the tests that hold them (`test_x.py::test_name`, or `::test_name` after one of
+    those in the same cell): a renamed or deleted test must break this, not leave the README pointing at nothing."""
+    text = (ROOT / "README.md").read_text()
+    missing = []
+    for cell in re.findall(r"[^|\n]*`test_\w+\.py::[^|\n]*", text):
+        current = None
+        for file, name in re.findall(r"`(?:(test_\w+\.py))?::(test_\w+)(?:\[[^\]]*\])?`", cell):
+            current = file or current
+            src = (ROOT / "tests" / current).read_text() if (ROOT / "tests" / current).exists() else ""
+            if not re.search(rf"^def {name}\(", src, re.M):
+                missing.append(f"{current}::{name}")
+    assert not missing, missing
