@@ -146,7 +146,7 @@ def minp_proxy_topk(logits, kappa: float, k: int):
 @torch.no_grad()
 def proxy_logprobs(model, batch: dict, micro_batch_size: int = 0, temperature: float = 1.0, kappa: float = 0.02,
                    chunk_size: int = 256, full_k: int = 0) -> dict:
-    """The data-generating policy's proxy (Section 5.1.2) at every response token, `micro_batch_size` rows per forward
+    """The data-generating policy's proxy (Eq. 5) at every response token, `micro_batch_size` rows per forward
     (0 = all), `chunk_size` rows projected to the vocabulary at a time: token_logprobs_nograd's memory bound (it gives
     log pi of given ids only, not the max and kept mass min-p needs). {"proxy_logp": [B, T]} (0 off the mask) and,
     if full_k, "proxy_ids" / "proxy_topk_logp" [B, T, k]."""
@@ -282,8 +282,6 @@ def main(args: Args):
     builtin = parse_task_name(args.task)[1] is not None
     max_new = args.max_new_tokens or (12 if builtin else 512)
     lr = args.lr or (3e-4 if args.model == "tiny" else 1e-6)
-    if args.select_scope not in ("mini-batch", "micro-batch"):  # LP_REG
-        raise SystemExit(f"--select_scope must be mini-batch or micro-batch, not {args.select_scope!r}")
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} must divide by the {world} ranks")
     n_prompts = args.prompts_per_step // world  # this rank's share; a group never spans ranks

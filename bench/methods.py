@@ -104,7 +104,7 @@ def main():
     table = (f"{len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}), {a.steps} steps x 32 prompts x 8 samples, "
              f"embedded tiny model on countdown; mean ± std over seeds.\n\n" + "\n".join(lines) + "\n")
     docs.mkdir(exist_ok=True)
-    (docs / "methods.md").write_text(table)
+    (docs / "methods.md").write_text("# The methods side by side (written by `python bench/methods.py`)\n\n" + table)
     try:
         plot(curves, docs / "methods.png")
     except ImportError:
