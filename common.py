@@ -279,6 +279,8 @@ class Verifier:
 
     def __call__(self, examples: list, completions: list) -> list:
         n = len(completions)
+        if len(examples) != n:
+            raise ValueError(f"{len(examples)} examples for {n} completions")
         items = list(zip(range(n), examples, completions))
         rewards, done, failed = [0.0] * n, 0, 0
         if self.workers > 0 and self.pool is None:
@@ -882,7 +884,7 @@ def pass_ks(n: int) -> list:
 
 
 def decode(tok, ids: list) -> list:
-    return tok.batch_decode(ids, skip_special_tokens=True)
+    return tok.batch_decode(ids, skip_special_tokens=True) if len(ids) else []  # transformers 5: [] -> ['']
 
 
 def evaluate(model, tok, sampler, examples: list, n: int = 16, max_new_tokens: int = 8, temperature: float = 1.0,

@@ -100,7 +100,8 @@ RULES = {  # DPPO's own arguments: (a test of the value v given all the argument
     "delta": (lambda v, a: is_num(v) and v >= 0, "be >= 0 (0 = the divergence's default)"),
     "delta_low": (lambda v, a: is_num(v) and v >= 0, "be >= 0 (0 = --delta)"),
     "is_cap": (lambda v, a: isinstance(v, (int, float)) and v > 0, "be > 0 (inf = no cap)"),
-    "topk": (lambda v, a: is_int(v) and v >= 1, "be at least 1"),
+    "topk": (lambda v, a: is_int(v) and 1 <= v <= (20 if a.backend != "hf" else v),
+             "be at least 1, and at most 20 unless --backend hf (vLLM returns at most 20 log-probs a token)"),
 }
 
 

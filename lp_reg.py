@@ -241,7 +241,7 @@ def lp_reg_loss(logp, old_logp, proxy_logp, adv, mask, rho=0.01, beta=1.0, clip_
     m = select & (mask > 0) & (logp.detach() < proxy_logp)  # [B, T]  Eq. 6's pi_proxy > 0 (not noise), as the code
     kl = full_kl if full_kl is not None else k3(logp, proxy_logp).clamp(-10, 10)  # [B, T]  Eq. 6's D_KL, sampled k3
     token_loss = torch.where(m, unclipped + beta * kl, token_loss)  # [B, T]  Eq. 6: PG - beta * D_KL on S
-    stats = {"policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+    stats = {"policy/clipfrac": masked_mean(((clipped > unclipped) & ~m).float(), mask).item(),  # S: never clipped
              "policy/ratio": masked_mean(ratio.detach(), mask).item(),
              "policy/lp_selected": m.sum().item(), "policy/lp_candidates": select.sum().item(),
              "policy/lp_kl": masked_mean(kl.detach(), m.float()).item()}

@@ -132,11 +132,15 @@ def test_extract_answer_takes_last_box_with_nested_braces():
 
 
 # ---- pass@k -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 1, 1), (5, 2, 2), (6, 3, 4), (8, 1, 8), (8, 7, 3), (4, 4, 2)])
-def test_pass_at_k_matches_brute_force(n, c, k):
-    samples = [1] * c + [0] * (n - c)
-    subsets = list(itertools.combinations(samples, k))
-    assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets), abs=1e-12)
+def test_pass_at_k_matches_brute_force_for_every_n_c_k_up_to_8():
+    """Every (n, c, k) with k <= n <= 8, the edges included (c = 0, c = n, k = n, and n - c = k exactly, where the
+    estimator is 1 - 1/C(n, k), not 1): the share of the k-subsets of the n samples that hold a correct one."""
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations([1] * c + [0] * (n - c), k))
+                expect = sum(any(s) for s in subsets) / len(subsets)
+                assert pass_at_k(n, c, k) == pytest.approx(expect, abs=1e-12), (n, c, k)
 
 
 def test_pass_at_k_needs_enough_samples():
@@ -212,6 +216,21 @@ def test_chunked_logprobs_equal_naive(tok, rand_model, temperature, chunk):
     m = batch["mask"].bool()
     assert torch.allclose(out["extra_logp"][m], lp.gather(-1, ids)[m], atol=1e-5)
     assert all(torch.equal(before[k], batch[k]) for k in batch)  # inputs untouched
+
+
+def test_chunk_boundaries_equal_naive(tok):
+    """Chunks of 1 row, of N - 1 (the last chunk holds one row), N and N + 1 rows (N masked tokens): the same
+    log-probs, entropies and gradients as the naive whole-vocabulary computation."""
+    model = common.tiny_model(len(tok), hidden=64, seed=0).eval()
+    _, batch = _batch(tok, model)
+    n = int(batch["mask"].sum())
+    ref_logp, ref_ent, _ = naive_logprobs(model, batch)
+    g_ref = torch.autograd.grad((ref_logp - 0.5 * ref_ent).sum(), list(model.parameters()))
+    for chunk in (1, n - 1, n, n + 1):
+        out = common.token_logprobs(model, batch, 1.0, chunk_size=chunk, with_entropy=True)
+        assert torch.allclose(out["logp"], ref_logp, atol=1e-5) and torch.allclose(out["entropy"], ref_ent, atol=1e-5)
+        g = torch.autograd.grad((out["logp"] - 0.5 * out["entropy"]).sum(), list(model.parameters()))
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g, g_ref)), chunk
 
 
 @pytest.mark.parametrize("vocab,hidden", [(None, 128), (300, 64)])  # V < H and V > H

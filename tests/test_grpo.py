@@ -121,19 +121,6 @@ def test_grpo_smoke(tiny_cache, tmp_path):
     assert "reward" in p.stderr + p.stdout
 
 
-def test_resume_is_bit_for_bit(tiny_cache, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    common = ["--eval_every", "2", "--save_every", "2", *SMALL]
-    assert run_script("grpo.py", "--max_steps", "4", "--output_dir", str(a), *common).returncode == 0
-    assert run_script("grpo.py", "--max_steps", "2", "--output_dir", str(b), *common).returncode == 0
-    p = run_script("grpo.py", "--max_steps", "4", "--output_dir", str(b), "--resume", "true", *common)
-    assert p.returncode == 0 and "resumed" in p.stdout, p.stdout + p.stderr
-    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/") or k == "perf/grad_norm"} for r in rs]
-    assert strip(records(a)[1:]) == strip(records(b)[1:])
-    wa, wb = torch.load(a / "checkpoint.pt"), torch.load(b / "checkpoint.pt")
-    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
-
-
 def _args(tmp_path, **kw):
     """grpo.Args for an in-process run of a few seconds (the SMALL settings)."""
     base = dict(output_dir=str(tmp_path), prompts_per_step=4, group_size=4, eval_prompts=8, eval_samples=4,

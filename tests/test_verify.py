@@ -150,3 +150,12 @@ def test_a_math_answer_at_the_end_of_a_long_completion_counts():
     assert verify_math("\\boxed{71} " + long + "\\boxed{\\frac{144}{2}}", "72") == 1.0
     assert verify_countdown(long + "\n" + "5*4+3", COUNTDOWN.gold) == 1.0
     assert verify_arithmetic(long + "\\boxed{23}", "23") == 1.0
+
+
+def test_no_completions_give_no_rewards_and_lengths_must_match(tok):
+    """Regression: transformers 5 decodes an empty batch to [''], which made the DPH-RL split ask the verifier for one
+    reward too many (StopIteration) when a chunk had no D_pef prompt."""
+    assert common.decode(tok, []) == []
+    assert Verifier()([], []) == []
+    with pytest.raises(ValueError, match="1 examples for 2 completions"):
+        Verifier()([COUNTDOWN], ["1", "2"])

@@ -1,0 +1,107 @@
+"""Mutation testing of the pure functions: would the unit tests notice a small bug planted in a loss, an advantage, an
+aggregation, a divergence, a verifier, the log-probs or pass@k? Run it before sending a change to one of them:
+
+    pip install mutmut==3.8.1
+    python tests/mutation.py                        # every function below (about 25 minutes on 2 cores)
+    python tests/mutation.py grpo.policy_loss       # one function (a minute or two)
+
+It copies the code and tests to runs/mutation/ (ignored by git), lets mutmut (github.com/boxed/mutmut) plant its
+mutants there one at a time, runs the fast unit tests (`pytest -m "not slow"`, see conftest.py) against each, and
+prints the share killed per function, every surviving mutant as a diff, and the total. A survivor is a bug the
+tests would let through: kill it with a test that asserts the property it breaks, or, if it cannot change behaviour,
+add it to EQUIVALENT below with the reason. Exit status 1 when fewer than 95% of the non-equivalent mutants die.
+"""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "runs" / "mutation"
+SOURCES = ["common.py", "grpo.py", "dph_rl.py", "lp_reg.py", "rl_plus.py", "delta_l.py", "dppo.py"]
+ALL_TRAINERS = ["group_advantages", "aggregate", "policy_loss", "micro_weight"]
+FUNCTIONS = {  # file -> the pure functions mutated (a method as Class.method)
+    "common": ["last_boxed", "extract_answer", "verify_countdown", "verify_arithmetic", "verify_math", "score",
+               "sample_tokens", "stream_seeds", "_upcast", "_ChunkLogprobs.forward", "_ChunkLogprobs.backward",
+               "token_logprobs", "masked_mean", "pass_at_k", "pass_ks"],
+    "grpo": ALL_TRAINERS,
+    "dph_rl": ["group_advantages", "aggregate", "policy_loss", "f_divergence", "route_counts", "dph_loss",
+               "split_pef"],
+    "lp_reg": ["group_advantages", "aggregate", "micro_weight", "minp_proxy_logp", "minp_proxy_topk",
+               "select_tokens", "full_proxy_kl", "lp_reg_loss"],
+    "rl_plus": ["group_advantages", "aggregate", "micro_weight", "rl_plus_loss"],
+    "delta_l": ["group_advantages", "aggregate", "policy_loss", "micro_weight", "delta_l_weights", "normaliser"],
+    "dppo": ["group_advantages", "aggregate", "micro_weight", "divergence", "trust_region_mask", "with_sampled_token",
+             "dppo_loss"],
+}
+# Mutants that cannot change behaviour: (function, the line mutmut removes, the line it adds, why). Matched by text,
+# so they stay recognised when mutmut renumbers its mutants.
+EQUIVALENT = [
+    ("group_advantages", "adv = r - r.mean(-1, keepdim=True)  # [P, G]", "adv = r - r.mean(+1, keepdim=True)  # [P, G]",
+     "r is [P, G]: dim +1 and dim -1 are the same axis"),
+    ("group_advantages", "adv = adv / (r.std(-1, keepdim=True) + eps)  # Bessel-corrected std, as TRL and verl",
+     "adv = adv / (r.std(+1, keepdim=True) + eps)  # Bessel-corrected std, as TRL and verl",
+     "r is [P, G]: dim +1 and dim -1 are the same axis"),
+]
+
+
+def mutmut_name(qualified: str) -> str:
+    """'grpo.policy_loss' -> 'grpo.x_policy_loss*'; 'common._ChunkLogprobs.forward' -> 'common.xǁ_ChunkLogprobsǁforward*'."""
+    module, _, name = qualified.partition(".")
+    cls, _, meth = name.rpartition(".")
+    return f"{module}.xǁ{cls}ǁ{meth}*" if cls else f"{module}.x_{name}*"
+
+
+def prepare():
+    if WORK.exists():
+        for p in WORK.iterdir():
+            if p.name != "mutants":  # mutmut's results, reused where the code did not change
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    WORK.mkdir(parents=True, exist_ok=True)
+    for f in SOURCES:
+        shutil.copy(ROOT / f, WORK / f)
+    shutil.copytree(ROOT / "tests", WORK / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    lines = ["[mutmut]", "source_paths =", *[f"    {f}" for f in SOURCES],
+             "pytest_add_cli_args =", "    -m", "    not slow", "    -p", "    no:cacheprovider", "    -x",
+             "    --ignore=tests/test_docs.py", "    --ignore=tests/test_layout.py",  # they read README and docs/
+             "pytest_add_cli_args_test_selection =", "    tests/", "process_isolation = forkserver"]
+    (WORK / "setup.cfg").write_text("\n".join(lines) + "\n")
+
+
+def diff_lines(name: str) -> tuple:
+    out = subprocess.run(["mutmut", "show", name], cwd=WORK, capture_output=True, text=True).stdout
+    minus = [ln[1:].strip() for ln in out.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    plus = [ln[1:].strip() for ln in out.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return " / ".join(minus), " / ".join(plus), out
+
+
+def main(selected: list):
+    targets = selected or [f"{m}.{f}" for m, fs in FUNCTIONS.items() for f in fs]
+    prepare()
+    subprocess.run(["mutmut", "run", *[mutmut_name(t) for t in targets]], cwd=WORK, check=False)
+    results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=WORK, capture_output=True, text=True).stdout
+    status = dict(re.findall(r"^\s*(\S+__mutmut_\d+): (.+)$", results, re.M))
+    total = killed = equivalent = 0
+    survivors = []
+    for t in targets:
+        pattern = re.compile(re.escape(mutmut_name(t)[:-1]) + r"__mutmut_\d+$")
+        names = sorted((n for n in status if pattern.match(n)), key=lambda n: int(n.rsplit("_", 1)[1]))
+        k = sum(status[n] == "killed" for n in names)
+        eq = []
+        for n in (n for n in names if status[n] != "killed"):
+            minus, plus, text = diff_lines(n)
+            why = [w for f, a, b, w in EQUIVALENT if t.endswith(f) and minus == a and plus == b]
+            (eq if why else survivors).append((n, status[n], text))
+        total, killed, equivalent = total + len(names), killed + k, equivalent + len(eq)
+        print(f"{t:40s} {k:4d} killed of {len(names) - len(eq):4d} ({len(eq)} equivalent)")
+    for n, st, text in survivors:
+        print(f"\n{n}: {st}\n{text.strip()}")
+    score = killed / max(1, total - equivalent)
+    print(f"\nkilled {killed} of {total - equivalent} non-equivalent mutants ({100 * score:.1f}%); {equivalent} "
+          f"equivalent; {len(survivors)} survivors")
+    return 0 if score >= 0.95 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
