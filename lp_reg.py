@@ -79,7 +79,7 @@ class Args:
     select_scope: str = "mini-batch"  # LP_REG: S over the whole mini-batch, all ranks (Eq. 6's training batch) |
     #   micro-batch: per micro-batch per rank, as the official code (S then depends on micro_batch_size and ranks)
     full_kl_k: int = 0  # LP_REG: 0 = sampled-token k3 (the code's kl_penalty "low_var_kl"); k > 0 = Eq. 6's full
-    #                     forward KL over pi_proxy's top-k tokens
+    #                     forward KL over pi_proxy's top-k tokens (not clamped at 10, unlike k3)
     logprob_chunk: int = 256  # response tokens projected to the vocabulary at a time (memory: bench/logprob_memory.py)
     eval_every: int = 10  # steps between evaluations on held-out prompts (0 = only at the end)
     eval_prompts: int = 128  # held-out prompts per evaluation

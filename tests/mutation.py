@@ -4,6 +4,7 @@ aggregation, a divergence, a verifier, the log-probs or pass@k? Run it before se
     pip install mutmut==3.8.1
     python tests/mutation.py                        # every function below (about 25 minutes on 2 cores)
     python tests/mutation.py grpo.policy_loss       # one function (a minute or two)
+    python tests/mutation.py --survivors            # only the mutants the last run did not kill (after a new test)
 
 It copies the code and tests to runs/mutation/ (ignored by git), lets mutmut (github.com/boxed/mutmut) plant its
 mutants there one at a time, runs the fast unit tests (`pytest -m "not slow"`, see conftest.py) against each, and
@@ -43,6 +44,10 @@ EQUIVALENT = [
     ("group_advantages", "adv = adv / (r.std(-1, keepdim=True) + eps)  # Bessel-corrected std, as TRL and verl",
      "adv = adv / (r.std(+1, keepdim=True) + eps)  # Bessel-corrected std, as TRL and verl",
      "r is [P, G]: dim +1 and dim -1 are the same axis"),
+    ("pass_at_k", "if n - c < k:", "if n + c < k:",
+     "a shortcut: when n - c < k the product has the factor 1 - k/k = 0, so it gives 1.0 anyway"),
+    ("pass_ks", "return sorted({k for k in (1, 8, 16) if k <= n} | {n})",
+     "return sorted({k for k in (1, 8, 16) if k < n} | {n})", "k = n is added by '| {n}' in any case"),
 ]
 
 
@@ -76,12 +81,23 @@ def diff_lines(name: str) -> tuple:
     return " / ".join(minus), " / ".join(plus), out
 
 
+def statuses() -> dict:
+    out = subprocess.run(["mutmut", "results", "--all", "true"], cwd=WORK, capture_output=True, text=True).stdout
+    return dict(re.findall(r"^\s*(\S+__mutmut_\d+): (.+)$", out, re.M))
+
+
 def main(selected: list):
+    survivors_only = "--survivors" in selected
+    selected = [s for s in selected if s != "--survivors"]
     targets = selected or [f"{m}.{f}" for m, fs in FUNCTIONS.items() for f in fs]
+    names = [mutmut_name(t) for t in targets]
+    if survivors_only:  # the mutants of these functions the last run left alive (or that changed since)
+        pats = [re.compile(re.escape(n[:-1]) + r"__mutmut_\d+$") for n in names]
+        names = [n for n, st in statuses().items() if st != "killed" and any(p.match(n) for p in pats)]
     prepare()
-    subprocess.run(["mutmut", "run", *[mutmut_name(t) for t in targets]], cwd=WORK, check=False)
-    results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=WORK, capture_output=True, text=True).stdout
-    status = dict(re.findall(r"^\s*(\S+__mutmut_\d+): (.+)$", results, re.M))
+    if names:
+        subprocess.run(["mutmut", "run", *names], cwd=WORK, check=False)
+    status = statuses()
     total = killed = equivalent = 0
     survivors = []
     for t in targets:

@@ -4,6 +4,8 @@ import json
 import pytest
 from conftest import run_script
 
+pytestmark = pytest.mark.slow  # each runs a benchmark script
+
 
 def test_gpu_check_runs_on_the_cpu_at_toy_size(tmp_path):
     """bench/gpu_check.py end to end (stand-in build, GRPO steps through grpo.main, the figures) at toy sizes."""

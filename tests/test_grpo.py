@@ -9,32 +9,10 @@ from conftest import (ROOT, SMALL, TORCHRUN, assert_same_as_one_process, max_wei
 
 import common
 import grpo
-from grpo import aggregate, group_advantages, micro_weight, policy_loss
+from grpo import micro_weight, policy_loss
 
 
-# ---- advantage ----------------------------------------------------------------------------------------------
-def test_group_advantages_hand_computed():
-    r = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0])
-    # group 1: mean .25, Bessel std sqrt((.75^2 + 3 * .25^2) / 3) = .5; group 2: mean .5, std sqrt(4 * .25 / 3)
-    s2 = math.sqrt(1 / 3)
-    expect = torch.tensor([1.5, -0.5, -0.5, -0.5, 0.5 / s2, 0.5 / s2, -0.5 / s2, -0.5 / s2])
-    assert torch.allclose(group_advantages(r, 4, eps=0.0), expect, atol=1e-6)
-    assert torch.allclose(group_advantages(r, 4, scale_std=False), torch.tensor([.75, -.25, -.25, -.25, .5, .5, -.5, -.5]))
-
-
-def test_equal_reward_groups_get_zero_never_nan():
-    for r in (torch.zeros(8), torch.ones(8)):
-        assert torch.equal(group_advantages(r, 4), torch.zeros(8))
-    assert torch.equal(group_advantages(torch.tensor([1.0, 0.0]), 1), torch.zeros(2))  # G = 1
-
-
-def test_group_advantages_leaves_input_alone():
-    r = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    group_advantages(r, 2)
-    assert torch.equal(r, torch.tensor([1.0, 0.0, 1.0, 1.0]))
-
-
-# ---- loss ---------------------------------------------------------------------------------------------------
+# ---- loss (advantage, aggregations, micro-batch weight: tests/test_copies.py, for every trainer) --------------
 def _toy():
     # 2 sequences x 3 tokens; the second has 2 real tokens
     old = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
@@ -64,17 +42,6 @@ def test_policy_loss_gradient_zero_where_clipped():
     assert g[0, 0] == 0 and g[1, 0] == 0  # clipped tokens
     assert g[0, 1] != 0 and g[0, 2] != 0 and g[1, 1] != 0  # unclipped ones
     assert g[1, 2] == 0  # padding
-
-
-@pytest.mark.parametrize("agg,expect", [
-    ("token-mean", (1 + 2 + 3 + 4 + 5) / 5),
-    ("seq-mean-token-mean", ((1 + 2 + 3) / 3 + (4 + 5) / 2) / 2),
-    ("seq-mean-token-sum-norm", (1 + 2 + 3 + 4 + 5) / (2 * 4)),
-])
-def test_aggregations(agg, expect):
-    x = torch.tensor([[1.0, 2, 3], [4, 5, 99]])
-    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
-    assert aggregate(x, mask, agg, max_len=4).item() == pytest.approx(expect)
 
 
 def test_k3_kl_term():

@@ -288,3 +288,103 @@ def test_two_ranks_compute_what_one_process_does(one_process_run, tmp_path, mode
 def grpo_small():
     return ["--prompts_per_step", "4", "--group_size", "4", "--eval_prompts", "8", "--eval_samples", "16",
             "--log_examples_every", "1"]
+
+
+# ---- gaps mutation testing found (python tests/mutation.py lp_reg.lp_reg_loss) -----------------------------------
+def naive_lp_reg(logp, old, proxy, adv, mask, sel, beta, clip_low, clip_high, ref=None, ref_beta=0.0, full_kl=None):
+    """lp_reg_loss written token by token from its definition, with every statistic: an independent reference."""
+    tot, n, clipped, ratios, sel_kl, n_sel, ref_kl = 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0.0
+    for i in range(logp.shape[0]):
+        a = adv[i].item()
+        for t in range(logp.shape[1]):
+            if mask[i, t] == 0:
+                continue
+            lp, o, px = logp[i, t].item(), old[i, t].item(), proxy[i, t].item()
+            r = math.exp(min(max(lp - o, -20.0), 20.0))
+            if sel[i, t] and lp < px:  # Eq. 6 on S: unclipped PG + beta * KL (k3 capped at 10)
+                d = min(px - lp, 20.0)
+                kl = full_kl[i, t].item() if full_kl is not None else min(math.exp(d) - d - 1, 10.0)
+                loss, n_sel, sel_kl = -a * r + beta * kl, n_sel + 1, sel_kl + kl
+            else:  # PPO with range [1 - clip_low, 1 + clip_high]
+                c = -a * min(max(r, 1 - clip_low), 1 + clip_high)
+                loss, clipped = max(-a * r, c), clipped + (c > -a * r)
+            if ref is not None and ref_beta > 0:
+                d = min(max(ref[i, t].item() - lp, -20.0), 20.0)
+                loss, ref_kl = loss + ref_beta * (math.exp(d) - d - 1), ref_kl + math.exp(d) - d - 1
+            tot, n, ratios = tot + loss, n + 1, ratios + r
+    st = {"policy/clipfrac": clipped / n, "policy/ratio": ratios / n, "policy/lp_selected": n_sel,
+          "policy/lp_kl": sel_kl / max(n_sel, 1)}
+    if ref is not None and ref_beta > 0:
+        st["policy/kl"] = ref_kl / n
+    return tot / n, st
+
+
+def _extreme_toy(seed=4):
+    """Ratios beyond e^+-20, between 1 + clip_high and 10, below 1 - clip_low; proxies far above (k3 past its cap),
+    equal to (not below: not regularized) and below the current log-prob; enough negative tokens for rho."""
+    logp, old, proxy, adv, mask = _loss_toy(seed)
+    logp[0, :4] = old[0, :4] + torch.tensor([30.0, -30.0, math.log(1.5), math.log(0.5)])
+    logp[3, :3] = old[3, :3] + torch.tensor([30.0, math.log(1.5), math.log(12.0)])  # adv +1
+    proxy[0, 4], proxy[2, :3] = logp[0, 4] + 15.0, logp[2, :3]  # k3 beyond 10; exactly at the proxy
+    mask[:, :5] = 1.0
+    return logp, old, proxy, adv, mask
+
+
+@pytest.mark.parametrize("clip_low,clip_high,beta,ref_beta", [(1.0, 9.0, 1.0, 0.0), (0.2, 0.28, 0.7, 0.3)])
+def test_loss_and_every_stat_equal_the_token_by_token_reference(clip_low, clip_high, beta, ref_beta):
+    logp, old, proxy, adv, mask = _extreme_toy()
+    ref = old + 0.4 * torch.randn_like(old)
+    sel = select_tokens(logp, adv, mask, 0.3)
+    loss, st = lp_reg_loss(logp, old, proxy, adv, mask, rho=0.3, beta=beta, clip_low=clip_low, clip_high=clip_high,
+                           ref_logp=ref, ref_beta=ref_beta)
+    expect, est = naive_lp_reg(logp, old, proxy, adv, mask, sel, beta, clip_low, clip_high, ref, ref_beta)
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    assert st["policy/lp_candidates"] == sel.sum().item() > est["policy/lp_selected"] > 3
+    for k, v in est.items():
+        assert st[k] == pytest.approx(v, rel=1e-5), k
+    assert math.isfinite(loss.item()) and "policy/kl" in st if ref_beta else "policy/kl" not in st
+
+
+def test_a_given_full_kl_replaces_k3_on_the_selected_tokens():
+    logp, old, proxy, adv, mask = _extreme_toy()
+    full = torch.rand_like(logp) * 3
+    sel = select_tokens(logp, adv, mask, 0.3)
+    loss, st = lp_reg_loss(logp, old, proxy, adv, mask, rho=0.3, beta=0.5, full_kl=full)
+    expect, est = naive_lp_reg(logp, old, proxy, adv, mask, sel, 0.5, 1.0, 9.0, full_kl=full)
+    assert loss.item() == pytest.approx(expect, rel=1e-5) and st["policy/lp_kl"] == pytest.approx(est["policy/lp_kl"])
+
+
+def test_the_defaults_are_the_trainer_s():
+    """Called bare, lp_reg_loss is the method as lp_reg.py runs it (rho 1%, beta 1, clip range [0, 10], no KL to a
+    reference even when one is passed, selection over this process's rows)."""
+    logp, old, proxy, adv, mask = _loss_toy(2)
+    logp, old, proxy, adv, mask = (torch.cat([x] * 8) for x in (logp, old, proxy, adv, mask))  # ~1,000 negatives
+    logp[3, 0] = old[3, 0] + math.log(12.0)  # a ratio past 10 with A > 0
+    a = lp_reg.Args()
+    bare, st = lp_reg_loss(logp, old, proxy, adv, mask, ref_logp=old - 1.0)
+    full, st_full = lp_reg_loss(logp, old, proxy, adv, mask, rho=a.rho, beta=a.lp_beta, clip_low=a.eps_low,
+                                clip_high=a.eps_high, ref_beta=0.0, across_ranks=False)
+    assert st["policy/lp_selected"] >= 2 and "policy/kl" not in st
+    assert bare.item() == full.item() and st == st_full
+
+
+def test_across_ranks_selects_over_the_whole_mini_batch(monkeypatch):
+    """lp_reg_loss(across_ranks=True) passes the flag on to the selection (faked second rank, as above)."""
+    logp, old, proxy, adv, mask = _loss_toy(5)
+    other_neg, other_low = torch.tensor(400), torch.full((64,), -50.0)  # rank 1: many negatives, all lower
+    monkeypatch.setattr(lp_reg, "all_ranks_sum", lambda x: x + other_neg)
+    monkeypatch.setattr(lp_reg, "all_ranks_cat", lambda x: torch.cat([x, other_low]))
+    _, alone = lp_reg_loss(logp, old, proxy, adv, mask, rho=0.05)
+    _, both = lp_reg_loss(logp, old, proxy, adv, mask, rho=0.05, across_ranks=True)
+    assert alone["policy/lp_candidates"] > 0 and both["policy/lp_candidates"] == 0  # rank 1 holds the k lowest
+
+
+def test_full_proxy_kl_sums_over_the_top_k_only():
+    torch.manual_seed(6)
+    B, T, K = 2, 3, 4
+    proxy = torch.log_softmax(torch.randn(B, T, K), -1)
+    proxy[0, 0, 3] = -1e4  # a filtered slot contributes nothing
+    theta = torch.log_softmax(torch.randn(B, T, K), -1)
+    expect = torch.tensor([[sum(math.exp(proxy[b, t, k]) * (proxy[b, t, k] - theta[b, t, k]) for k in range(K))
+                            for t in range(T)] for b in range(B)])
+    assert torch.allclose(full_proxy_kl(theta, proxy), expect, atol=1e-6)

@@ -10,6 +10,7 @@ from conftest import SMALL, needs_data, records, run_script
 import common
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow  # each starts a vLLM engine
 
 
 @pytest.fixture(scope="module")
