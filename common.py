@@ -517,11 +517,11 @@ def _cut_at_stop(ids: list, stop: set) -> tuple:
     return ids, "length"
 
 
-def sample_tokens(logp, u):
-    """One token per row drawn from exp(logp) [b, V] by inverse CDF with the row's uniform u [b] in [0, 1)."""
-    cdf = logp.exp().cumsum(-1)  # [b, V]
+def sample_tokens(probs, u):
+    """One token per row drawn from probs [b, V] by inverse CDF with the row's uniform u [b] in [0, 1)."""
+    cdf = probs.cumsum(-1)  # [b, V]
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous())  # [b, 1]: first index with cdf >= u
-    return pick.squeeze(-1).clamp(max=logp.shape[-1] - 1)
+    return pick.squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 class HFSampler:
@@ -573,13 +573,14 @@ class HFSampler:
             res = model(input_ids=x, attention_mask=attn, position_ids=attn.sum(-1, keepdim=True) - 1,
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = res.past_key_values
-            logp = torch.log_softmax(res.logits[:, -1].float() / (temperature or 1.0), -1)  # [b, V] pi at T
-            y = logp.argmax(-1) if temperature == 0 else sample_tokens(logp, u[:, t])  # [b]
+            z = res.logits[:, -1].float()  # [b, V]
+            probs = torch.softmax(z / temperature if temperature not in (0, 1) else z, -1)  # [b, V] pi at T (greedy: 1)
+            y = probs.argmax(-1) if temperature == 0 else sample_tokens(probs, u[:, t])  # [b]
             y = torch.where(done, pad, y)  # finished rows feed padding
             toks.append(y)
-            lps.append(logp.gather(-1, y[:, None]).squeeze(-1))  # [b] behaviour log-prob of the sampled token
-            if topk:
-                tks.append(logp.topk(topk, -1))
+            lps.append(probs.gather(-1, y[:, None]).squeeze(-1).log())  # [b] behaviour log-prob of the sampled token
+            if topk:  # one exp over the vocabulary a step: the log of the few kept values only
+                tks.append(probs.topk(topk, -1))
             done = done | torch.isin(y, stop)
             attn, x = torch.cat([attn, attn.new_ones(b, 1)], 1), y[:, None]
             if done.all():
@@ -587,7 +588,7 @@ class HFSampler:
         resp, logp = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()  # [b, t]
         if topk:
             tk_ids = torch.stack([k.indices for k in tks], 1).tolist()  # [b, t, K]
-            tk_lp = torch.stack([k.values for k in tks], 1).tolist()  # [b, t, K]
+            tk_lp = torch.stack([k.values for k in tks], 1).log().tolist()  # [b, t, K]
         for i, p in enumerate(prompts):
             r, why = _cut_at_stop(resp[i], set(self.stop))
             out.prompt_ids.append(p)

@@ -369,11 +369,12 @@ def test_too_small_countdown_level_fails_instead_of_looping():
 # ---- the real-model path: sampling exactly from pi, seeds, stop ids, stand-in ----------------------------------
 def test_sample_tokens_follows_the_distribution_exactly():
     """Inverse-CDF draw: with N evenly spread uniforms every token is drawn N * p times (p = 0.1, 0.2, 0, 0.7)."""
-    logp = torch.log(torch.tensor([[0.1, 0.2, 0.0, 0.7]])).expand(1000, 4)
+    probs = torch.tensor([[0.1, 0.2, 0.0, 0.7]]).expand(1000, 4)
     u = (torch.arange(1000) + 0.5) / 1000
-    counts = torch.bincount(common.sample_tokens(logp, u), minlength=4)
+    counts = torch.bincount(common.sample_tokens(probs, u), minlength=4)
     assert counts.tolist() == [100, 200, 0, 700]
-    assert common.sample_tokens(torch.log(torch.tensor([[0.5, 0.5]])), torch.tensor([0.9999999])).item() == 1
+    assert common.sample_tokens(torch.tensor([[0.5, 0.5]]), torch.tensor([0.9999999])).item() == 1
+    assert common.sample_tokens(torch.tensor([[0.2, 0.6]]), torch.tensor([0.5])).item() == 1  # unnormalised: u * total
 
 
 def test_stream_seeds_are_distinct_and_rank_independent():

@@ -311,3 +311,108 @@ def test_two_ranks_compute_what_one_process_does(one_process_run, tmp_path, mode
     assert any(a["response/len"] != b["response/len"] for a, b in zip(*ranks))
     assert all(r["perf/grad_norm"] > 0.01 for r in one)  # small: Dr. GRPO divides by B * max_new_tokens
     assert_same_as_one_process(one_process_run, tmp_path / "run")  # rollouts, grad norms, weights
+
+
+# ---- gaps mutation testing found (python tests/mutation.py dppo.dppo_loss) ----
+def naive_dppo(logp, old, adv, mask, kind, delta, delta_low, is_cap, eps_low, eps_high, max_len, ref=None, beta=0.0):
+    """dppo_loss written token by token from its docstring and Eq. 12-14 / 23 (binary estimators, Dr. GRPO's
+    normalizer B * max_len), with d loss / d log pi per token and every statistic: an independent reference."""
+    B, T = logp.shape
+    dl = delta if delta_low is None else delta_low
+    tot, grad = 0.0, torch.zeros(B, T, dtype=torch.float64)
+    n = cut_pos = cut_neg = div_sum = abs_sum = ppo = capped = r_sum = kl_sum = 0.0
+    for i in range(B):
+        a = adv[i].item()
+        for t in range(T):
+            if mask[i, t] == 0:
+                continue
+            lp, o = logp[i, t].item(), old[i, t].item()
+            p, m = math.exp(lp), math.exp(o)
+            r = math.exp(min(max(lp - o, -20.0), 20.0))
+            if kind == "binary_tv":
+                div = abs(m - p)
+            else:  # Eq. 14 with the official code's 1e-8 guards
+                div = m * (o - lp) + (1 - m) * (math.log(1 - m + 1e-8) - math.log(1 - p + 1e-8))
+            away = (a > 0 and r > 1) or (a < 0 and r < 1)
+            keep = not (away and div > (delta if a > 0 else dl))
+            w = min(r, is_cap)
+            loss, g = (-a * w * lp, -a * w) if keep else (0.0, 0.0)
+            if ref is not None and beta > 0:
+                d = ref[i, t].item() - lp
+                kl = math.exp(min(max(d, -20.0), 20.0)) - min(max(d, -20.0), 20.0) - 1
+                loss, kl_sum = loss + beta * kl, kl_sum + kl
+                g += beta * (1 - math.exp(d)) if -20 < d < 20 else 0.0  # no gradient where d is clamped
+            tot, grad[i, t] = tot + loss, g / (B * max_len)
+            n, div_sum, abs_sum, r_sum = n + 1, div_sum + div, abs_sum + abs(p - m), r_sum + r
+            cut_pos, cut_neg = cut_pos + (not keep and a > 0), cut_neg + (not keep and a < 0)
+            ppo += (a > 0 and r > 1 and r - 1 > eps_high) or (a < 0 and r < 1 and 1 - r > eps_low)
+            capped += r > is_cap
+    st = {"policy/masked_frac": (cut_pos + cut_neg) / n, "policy/masked_frac_pos": cut_pos / n,
+          "policy/masked_frac_neg": cut_neg / n, "policy/divergence": div_sum / n, "policy/abs_pi_mu": abs_sum / n,
+          "policy/ppo_clipfrac": ppo / n, "policy/is_capped": capped / n, "policy/ratio": r_sum / n}
+    if ref is not None and beta > 0:
+        st["policy/kl"] = kl_sum / n
+    return tot / (B * max_len), grad, st
+
+
+def _gap_toy(extreme=False):
+    """(mu, pi) of the sampled token by hand, with A = 2, 0.5, 0, -1.5: moves away from mu with TV .05 / .12 / .2 /
+    .25 / .8 on both signs, moves back, r = 6 (past the cap, one kept, one cut), r exactly 1, padding. extreme: log
+    ratios of +30 and -30 on tokens that move back toward mu (never cut)."""
+    mu = [[0.5, 0.3, 0.6, 0.2, 0.1, 0.5], [0.5, 0.4, 0.05, 0.7, 0.5, 0.5],
+          [0.3, 0.8, 0.5, 0.1, 0.4, 0.5], [0.5, 0.6, 0.3, 0.9, 0.1, 0.4]]
+    pi = [[0.7, 0.35, 0.4, 0.2, 0.9, 0.5], [0.62, 0.4, 0.3, 0.5, 0.5, 0.5],
+          [0.6, 0.5, 0.5, 0.2, 0.1, 0.5], [0.3, 0.55, 0.5, 0.1, 0.6, 0.4]]
+    old, logp = lg(mu), lg(pi)
+    if extreme:
+        old[0, 2], logp[0, 2] = -5.0, -35.0  # A > 0, r = e^-30: back toward mu
+        old[3, 4], logp[3, 4] = -35.0, -5.0  # A < 0, r = e^+30: back toward mu
+        old[1, 3], logp[1, 3] = -5.0, -35.0  # A = .5, r = e^-30
+    mask = torch.tensor([[1.0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    return logp, old, torch.tensor([2.0, 0.5, 0.0, -1.5]), mask
+
+
+@pytest.mark.parametrize("kind,delta,delta_low,eps_low,eps_high,is_cap,beta,extreme,ref_shift", [
+    ("binary_tv", 0.1, 0.3, 0.1, 0.5, 1.0, 0.5, False, None),  # asymmetric deltas and eps; cap 1 = r exactly 1
+    ("binary_kl", 0.05, 0.02, 0.3, 0.15, 5.0, 0.0, False, None),  # a reference passed with beta 0 adds nothing
+    ("binary_tv", 0.15, None, 0.2, 0.2, float("inf"), 0.0, True, None),  # log r = +-30: r = e^+-20 exactly
+    ("binary_tv", 0.15, None, 0.2, 0.2, 5.0, 0.3, True, -30.0),  # ref - log pi = -30 on two tokens: d = -20
+    ("binary_tv", 0.15, 0.1, 0.2, 0.2, 5.0, 0.3, False, 30.0),  # ref - log pi = +30 on two tokens: d = +20
+])
+def test_loss_gradient_and_every_stat_equal_the_token_by_token_reference(kind, delta, delta_low, eps_low, eps_high,
+                                                                          is_cap, beta, extreme, ref_shift):
+    """Loss, d loss / d log pi per token, and every statistic (keys and values) against naive_dppo, with the optional
+    k3 KL to a reference (beta * k3 per token, logged as policy/kl), asymmetric thresholds, clamps that act."""
+    logp, old, adv, mask = _gap_toy(extreme)
+    ref = logp + 0.8 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(7))
+    if ref_shift is not None:
+        ref[0, 1], ref[3, 5] = logp[0, 1] + ref_shift, logp[3, 5] + ref_shift
+    x = logp.clone().requires_grad_(True)
+    loss, st = dppo_loss(x, old, adv, mask, kind, delta, is_cap, 8, delta_low=delta_low, eps_low=eps_low,
+                         eps_high=eps_high, ref_logp=ref, beta=beta)
+    loss.backward()
+    expect, grad, est = naive_dppo(logp, old, adv, mask, kind, delta, delta_low, is_cap, eps_low, eps_high, 8, ref,
+                                   beta)
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    assert torch.allclose(x.grad.double(), grad, rtol=1e-5, atol=1e-7 if beta else 0.0)
+    assert set(st) == set(est)
+    for k, v in est.items():
+        assert st[k] == pytest.approx(v, rel=1e-5, abs=1e-9 if k != "policy/ratio" else 1e-12), k
+    assert 0 < st["policy/masked_frac_pos"] and 0 < st["policy/masked_frac_neg"] and math.isfinite(loss.item())
+
+
+def test_the_defaults_are_the_trainer_s():
+    """Called bare, dppo_loss is the method as dppo.py runs it with Args(): binary TV with delta 0.15 on both signs,
+    C = 5, eps 0.2 for the PPO diagnostic, no KL to a reference even when one is passed; and beta without ref_logp
+    adds nothing (there is nothing to compare with)."""
+    logp, old, adv, mask = _gap_toy()
+    ref = logp - 0.5
+    a = dppo.Args()
+    bare, st = dppo_loss(logp, old, adv, mask, ref_logp=ref)
+    full, st_full = dppo_loss(logp, old, adv, mask, kind=a.divergence, delta=a.delta or 0.15, is_cap=a.is_cap,
+                              delta_low=a.delta_low or None, agg=a.agg, eps_low=a.eps_low, eps_high=a.eps_high,
+                              ref_logp=ref, beta=a.beta)
+    assert st["policy/is_capped"] > 0 and st["policy/ppo_clipfrac"] > 0 and "policy/kl" not in st
+    assert bare.item() == full.item() and st == st_full
+    no_ref, st_no_ref = dppo_loss(logp, old, adv, mask, beta=0.5)
+    assert no_ref.item() == bare.item() and st_no_ref == st

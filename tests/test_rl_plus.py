@@ -244,3 +244,99 @@ def test_two_ranks_compute_what_one_process_does(one_process_run, tmp_path, mode
         assert r["policy/ratio"] == pytest.approx(1.0, abs=1e-4)  # the micro-batched p_old pass is theta_old's
     assert_same_as_one_process(one_process_run, tmp_path,  # the same rollouts, groups and external rows
                                ["reward/mean", "response/len", "reward/external", "reward/zero_std_groups"])
+
+
+# ---- gaps mutation testing found (python tests/mutation.py rl_plus.rl_plus_loss) ----
+def naive_rl_plus(logp, old, adv, mask, is_ext, gamma=0.5, max_len=None, mis_u=1.0, eps_low=None, eps_high=None,
+                  agg="seq-mean-token-sum-norm", ref=None, beta=0.0):
+    """rl_plus_loss written token by token from its docstring, with every statistic: an independent reference.
+    Internal token: -A rho (PPO-clipped to [1 - eps_low, 1 + eps_high] if given), rho = e^clamp(log ratio, +-20);
+    external token: -A p / (0.75 p_old + 0.25 U) (1 - p)^gamma; + beta k3(ref) on every token when beta > 0."""
+    tot, n, n_int, n_ext, clipped, ratios, mis_sum, eaf_sum, p_sum, kl_sum = (0.0,) * 10
+    for i in range(logp.shape[0]):
+        a = adv[i].item()
+        for t in range(logp.shape[1]):
+            if mask[i, t] == 0:
+                continue
+            lp, o = logp[i, t].item(), old[i, t].item()
+            r, p = math.exp(min(max(lp - o, -20.0), 20.0)), math.exp(lp)
+            if is_ext[i]:
+                w, c = p / (0.75 * math.exp(o) + 0.25 * mis_u), max(1.0 - p, 0.0) ** gamma
+                loss, n_ext, mis_sum, eaf_sum, p_sum = -a * w * c, n_ext + 1, mis_sum + w, eaf_sum + c, p_sum + p
+            else:
+                loss, n_int = -a * r, n_int + 1
+                if eps_low is not None:
+                    c = -a * min(max(r, 1 - eps_low), 1 + eps_high)
+                    loss, clipped = max(loss, c), clipped + (c > loss)
+            if ref is not None and beta > 0:
+                d = min(max(ref[i, t].item() - lp, -20.0), 20.0)
+                loss, kl_sum = loss + beta * (math.exp(d) - d - 1), kl_sum + math.exp(d) - d - 1
+            tot, n, ratios = tot + loss, n + 1, ratios + r
+    norm = n if agg == "token-mean" else logp.shape[0] * (max_len or logp.shape[1])
+    st = {"policy/clipfrac": clipped / max(n_int, 1), "policy/ratio": ratios / n,
+          "policy/mis_weight": mis_sum / max(n_ext, 1), "policy/eaf": eaf_sum / max(n_ext, 1),
+          "policy/external_prob": p_sum / max(n_ext, 1)}
+    if ref is not None and beta > 0:
+        st["policy/kl"] = kl_sum / n
+    return tot / norm, st
+
+
+def _mixed_toy(seed=3):
+    """6 rows, internal and external with A > 0 and A < 0; ratios inside and on both sides of any clip range, one
+    exactly 1, an external token with p = 1 (C = 0); pads (mask 0) hold values far from the reference."""
+    g = torch.Generator().manual_seed(seed)
+    logp = torch.log(torch.rand(6, 5, generator=g) * 0.9 + 0.05)
+    old = torch.log(torch.rand(6, 5, generator=g) * 0.9 + 0.05)
+    ref = logp + torch.randn(6, 5, generator=g)
+    mask = (torch.rand(6, 5, generator=g) > 0.25).float()
+    mask[:, 0] = 1.0
+    logp[0, 0], logp[2, 0] = old[0, 0], 0.0
+    ref[mask == 0] = logp[mask == 0] - 15.0
+    adv = torch.tensor([1.0, -0.5, 0.75, -1.0, 0.5, -0.25])
+    return logp, old, ref, adv, mask, torch.tensor([False, False, True, True, False, True])
+
+
+@pytest.mark.parametrize("gamma,mis_u,eps_low,eps_high,agg,beta", [
+    (0.5, 1.0, None, None, "seq-mean-token-sum-norm", 0.0),  # the trainer's run; a reference without its weight
+    (0.3, 0.25, 0.1, 0.3, "token-mean", 0.5),  # asymmetric clip, beta below 1
+    (1.5, 1.0, 0.3, 0.05, "seq-mean-token-sum-norm", 2.0)])
+def test_loss_and_every_stat_equal_the_token_by_token_reference(gamma, mis_u, eps_low, eps_high, agg, beta):
+    logp, old, ref, adv, mask, is_ext = _mixed_toy()
+    loss, st = rl_plus_loss(logp, old, adv, mask, is_ext, gamma=gamma, max_len=7, mis_u=mis_u, eps_low=eps_low,
+                            eps_high=eps_high, agg=agg, ref_logp=ref, beta=beta)
+    expect, est = naive_rl_plus(logp, old, adv, mask, is_ext, gamma, 7, mis_u, eps_low, eps_high, agg, ref, beta)
+    assert loss.item() == pytest.approx(expect, rel=1e-5) and math.isfinite(loss.item())
+    assert set(st) == set(est)  # the keys, policy/kl only with the KL on
+    for k, v in est.items():
+        assert st[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    if eps_low is not None:
+        assert 0 < st["policy/clipfrac"] < 1  # the clip acts on some internal tokens, not all (ties are not clipped)
+
+
+def test_log_ratios_of_30_clamp_at_20():
+    """Log-ratios of +-30 (policy vs old, reference vs policy): rho is exactly e^+-20, k3 takes d = +-20, all finite."""
+    def one(lp, o, adv, **kw):  # one internal token: N = L_max = 1, so the loss is the token's l
+        return rl_plus_loss(torch.tensor([[lp]]), torch.tensor([[o]]), torch.tensor([adv]), torch.ones(1, 1),
+                            torch.tensor([False]), **kw)
+
+    for lp, o, rho in [(-0.5, -30.5, math.exp(20)), (-30.5, -0.5, math.exp(-20))]:
+        loss, st = one(lp, o, -1.0)
+        assert st["policy/ratio"] == pytest.approx(rho, rel=1e-6) and loss.item() == pytest.approx(rho, rel=1e-6)
+    for lp, r, kl in [(-30.5, -0.5, math.exp(20) - 21), (-0.5, -30.5, math.exp(-20) + 19),  # d = +20, -20
+                      (-1.0, -1.0 + LOG(2), 2 - LOG(2) - 1)]:  # d = log 2: k3 = 2 - log 2 - 1
+        loss, st = one(lp, lp, 0.0, ref_logp=torch.tensor([[r]]), beta=0.5)  # A = 0: the loss is beta k3 alone
+        assert st["policy/kl"] == pytest.approx(kl, rel=1e-6) and loss.item() == pytest.approx(0.5 * kl, rel=1e-6)
+        assert math.isfinite(loss.item())
+
+
+def test_the_defaults_are_the_trainer_s():
+    """Called bare, rl_plus_loss is the method as rl_plus.py runs it by default (gamma 0.5, U = 1, no internal clip,
+    sum / (N * L_max), no KL), and a reference passed without beta adds nothing, not even a policy/kl."""
+    logp, old, ref, adv, mask, is_ext = _mixed_toy()
+    a = rl_plus.Args()
+    assert a.clip_internal is False  # the trainer then passes eps_low = eps_high = None
+    bare, st = rl_plus_loss(logp, old, adv, mask, is_ext, ref_logp=ref)
+    full, st_full = rl_plus_loss(logp, old, adv, mask, is_ext, gamma=a.gamma, max_len=None, mis_u=a.mis_u,
+                                 eps_low=None, eps_high=None, agg=a.agg, ref_logp=None, beta=a.beta)
+    assert bare.item() == full.item() and st == st_full and "policy/kl" not in st
+    assert st["policy/clipfrac"] == 0  # no clip: no internal token counts as clipped
