@@ -283,3 +283,126 @@ def test_two_ranks_compute_what_one_process_does(one_process_run, tmp_path, mode
     for a, b in zip(one, two):
         assert b["policy/dl_weight_spread"] == pytest.approx(a["policy/dl_weight_spread"], rel=1e-6)  # global
         assert b["loss/gain"] == pytest.approx(1.0, rel=1e-5)
+
+
+# ---- gaps mutation testing found (python tests/mutation.py delta_l.policy_loss delta_l.micro_weight delta_l.normaliser) ----
+def naive_delta_l(logp, old, adv, mask, eps_low, eps_high, max_len, alpha, ref=None, beta=0.0):
+    """policy_loss (agg delta_l) written token by token from its docstring and the paper: PPO-clip max(-A r,
+    -A clip(r, 1 - eps_low, 1 + eps_high)) with r = exp(clamp(logp - old, +-20)), plus beta * k3 (d = clamp(ref - logp,
+    +-20), k3 = e^d - d - 1) when a reference and beta > 0 are given, each row's sum weighted by
+    c_i = (1/M) L_i^(-alpha) / sum_j L_j^(-alpha); with every statistic: an independent reference."""
+    B, T = logp.shape
+    L = [max(sum(mask[i].tolist()), 1.0) for i in range(B)]
+    S = sum(x ** -alpha for x in L)
+    tot, n, clipped, ratios, kls = 0.0, 0, 0, 0.0, 0.0
+    for i in range(B):
+        a, c = adv[i].item(), L[i] ** -alpha / (max_len * S)
+        for t in range(T):
+            if mask[i, t] == 0:
+                continue
+            lp = logp[i, t].item()
+            r = math.exp(min(max(lp - old[i, t].item(), -20.0), 20.0))
+            clip = -a * min(max(r, 1 - eps_low), 1 + eps_high)
+            loss, clipped = max(-a * r, clip), clipped + (clip > -a * r)  # a tie (r inside the range) is not clipped
+            if ref is not None and beta > 0:
+                d = min(max(ref[i, t].item() - lp, -20.0), 20.0)
+                loss, kls = loss + beta * (math.exp(d) - d - 1), kls + math.exp(d) - d - 1
+            tot, n, ratios = tot + c * loss, n + 1, ratios + r
+    st = {"policy/clipfrac": clipped / n, "policy/ratio": ratios / n}
+    if ref is not None and beta > 0:
+        st["policy/kl"] = kls / n
+    return tot, st
+
+
+def _dl_toy():
+    """5 rows of lengths 7, 3, 1, 5, 6 in a width of 7 (M = 10 elsewhere), A of both signs and 0; ratios above, below
+    and inside the clip ranges used below (never at a bound), ref - logp in [-2, 2]; garbage in the padding."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [7, 3, 1, 5, 6]
+    mask = (torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]).float()  # [5, 7]
+    old = torch.randn(5, 7, generator=g) - 1.0
+    lr = torch.tensor([1.5, 0.5, 1.1, 0.95, 1.0, 3.0, 0.25, 1.25, 0.7, 2.0, 0.6]).log()
+    logr = lr[torch.arange(35) % len(lr)].reshape(5, 7)
+    logp = torch.where(mask.bool(), old + logr, old + 25.0)  # padding: a clamped, finite ratio
+    ref = logp + torch.linspace(-2, 2, 35).reshape(5, 7)[:, torch.randperm(7, generator=g)]
+    return logp, old, torch.tensor([1.0, -1.5, 0.7, -0.4, 0.0]), mask, ref
+
+
+@pytest.mark.parametrize("eps_low,eps_high,alpha,beta", [(0.15, 0.28, 0.75, 0.3), (0.35, 0.15, 1.0, 1.0),
+                                                         (0.2, 0.2, 1.5, 0.0)])
+def test_policy_loss_and_every_stat_equal_the_token_by_token_reference(eps_low, eps_high, alpha, beta):
+    """Asymmetric clip ranges, M = 10 != the width 7, the KL path at beta .3 and exactly 1, and beta 0 with a
+    reference given (the KL then adds nothing and is not logged)."""
+    logp, old, adv, mask, ref = _dl_toy()
+    loss, st = policy_loss(logp, old, adv, mask, eps_low, eps_high, "delta_l", 10, ref, beta, alpha)
+    expect, est = naive_delta_l(logp, old, adv, mask, eps_low, eps_high, 10, alpha, ref, beta)
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    assert set(st) == set(est) == {"policy/clipfrac", "policy/ratio"} | ({"policy/kl"} if beta else set())
+    for k, v in est.items():
+        assert st[k] == pytest.approx(v, rel=1e-5), k
+    assert 0 < st["policy/clipfrac"] < 0.5 and (st.get("policy/kl", 1.0) > 0.1)  # a real test of each
+    if beta:  # the same without the reference, or with beta 0: exactly the PPO part
+        ppo, st0 = policy_loss(logp, old, adv, mask, eps_low, eps_high, "delta_l", 10, None, beta, alpha)
+        expect_ppo = naive_delta_l(logp, old, adv, mask, eps_low, eps_high, 10, alpha)[0]
+        assert ppo.item() == pytest.approx(expect_ppo, rel=1e-5)
+        assert "policy/kl" not in st0 and loss.item() > ppo.item()  # k3 >= 0 adds a positive term
+
+
+def test_extreme_log_ratios_are_clamped_at_20():
+    """One token, M = 1, alpha 1 (c = 1): log-ratios of +-30 give a ratio of exactly e^+-20, ref - logp of +-30 a k3
+    of e^20 - 21 and e^-20 + 19; everything finite."""
+    one, old = torch.ones(1, 1), torch.full((1, 1), -3.0)
+    for dlog, a, want in ((30.0, -1.0, math.exp(20)), (-30.0, 1.0, -math.exp(-20))):  # unclipped is the max
+        loss, st = policy_loss(old + dlog, old, torch.tensor([a]), one, max_len=1)
+        assert st["policy/ratio"] == pytest.approx(math.exp(20 if dlog > 0 else -20), rel=1e-6)
+        assert loss.item() == pytest.approx(want, rel=1e-6) and math.isfinite(loss.item())
+        assert st["policy/clipfrac"] == 0.0
+    for dref, k3 in ((30.0, math.exp(20) - 21), (-30.0, math.exp(-20) + 19)):  # ratio 1, A = 0: only the KL
+        loss, st = policy_loss(old, old, torch.zeros(1), one, max_len=1, ref_logp=old + dref, beta=0.5)
+        assert st["policy/kl"] == pytest.approx(k3, rel=1e-6) and loss.item() == pytest.approx(0.5 * k3, rel=1e-6)
+        assert st["policy/ratio"] == 1.0 and math.isfinite(loss.item())
+
+
+def test_the_defaults_are_the_trainer_s():
+    """Called bare, policy_loss, normaliser and micro_weight are delta_l.py's defaults (Args()); beta's default 0
+    turns the KL off even when a reference is passed. The toy has ratios past both clip bounds on both signs of A."""
+    a = delta_l.Args()
+    logp, old, adv, mask, ref = _dl_toy()
+    bare, st = policy_loss(logp, old, adv, mask, ref_logp=ref)
+    full, st_full = policy_loss(logp, old, adv, mask, eps_low=a.eps_low, eps_high=a.eps_high, agg=a.agg,
+                                max_len=None, ref_logp=None, beta=a.beta, alpha=a.alpha)
+    assert bare.item() == full.item() and st == st_full and "policy/kl" not in st
+    assert bare.item() == pytest.approx(naive_delta_l(logp, old, adv, mask, 0.2, 0.2, 7, 1.0)[0], rel=1e-5)
+    assert normaliser(mask, "delta_l").item() == normaliser(mask, "delta_l", a.alpha).item()
+    assert micro_weight(mask[:2], mask, "delta_l") == micro_weight(mask[:2], mask, "delta_l", a.alpha)
+    share = (1 / 7 + 1 / 3) / (1 / 7 + 1 / 3 + 1 + 1 / 5 + 1 / 6)  # lengths 7, 3 of 7, 3, 1, 5, 6; L^-1
+    assert micro_weight(mask[:2], mask, "delta_l") == pytest.approx(share)
+
+
+def test_normaliser_hand_computed_float64_on_the_mask_s_device():
+    """Lengths 1, 2, 4 (7 tokens, 3 rows): dapo / token-mean 7, delta_l sum_i L_i^(-alpha), grpo and dr_grpo 3;
+    a float64 0-dim tensor on the mask's device for every mode (meta stands in for a GPU)."""
+    mask = _batch([1, 2, 4])[1]
+    for agg, alpha, want in (("dapo", 1.0, 7), ("token-mean", 1.0, 7), ("delta_l", 1.0, 1.75),
+                             ("delta_l", 0.5, 1 + 2 ** -0.5 + 0.5), ("grpo", 1.0, 3), ("dr_grpo", 0.5, 3)):
+        n = normaliser(mask, agg, alpha)
+        assert n.item() == pytest.approx(want, rel=1e-12) and n.dtype == torch.float64 and n.dim() == 0, agg
+        m = normaliser(mask.to("meta"), agg, alpha)
+        assert m.device.type == "meta" and m.dtype == torch.float64 and m.dim() == 0, agg
+
+
+def test_micro_weight_hand_computed_and_at_the_boundaries():
+    """normaliser(micro) / normaliser(mini): 1 for the whole mini-batch (also where the normaliser is exactly 1 or
+    below it), 0.0 where the normaliser is 0 (no tokens at all, or a total of 0)."""
+    mask = _batch([1, 2, 4])[1]
+    assert micro_weight(mask[:2], mask, "delta_l", 1.0) == pytest.approx(1.5 / 1.75)
+    assert micro_weight(mask[:2], mask, "delta_l", 2.0) == pytest.approx(1.25 / 1.3125)
+    assert micro_weight(mask[:2], mask, "token-mean") == pytest.approx(3 / 7) == micro_weight(mask[:2], mask, "dapo")
+    assert micro_weight(mask[:2], mask, "grpo") == pytest.approx(2 / 3)
+    assert micro_weight(mask[:2], mask, "delta_l", 1.0, total=torch.tensor(3.0, dtype=torch.float64)) == 0.5
+    for m in (mask[:1], mask[1:2], mask):  # delta_l normaliser exactly 1, then 0.5, then 1.75
+        for agg in MODES:
+            assert micro_weight(m, m, agg, 1.0) == 1.0, agg
+    empty = torch.zeros(3, 4)
+    assert micro_weight(empty, empty, "dapo") == 0.0  # 0 tokens: the loss is 0, the share 0 (not nan or 1)
+    assert micro_weight(mask, mask, "delta_l", 1.0, total=torch.tensor(0.0, dtype=torch.float64)) == 0.0

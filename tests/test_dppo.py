@@ -416,3 +416,19 @@ def test_the_defaults_are_the_trainer_s():
     assert bare.item() == full.item() and st == st_full
     no_ref, st_no_ref = dppo_loss(logp, old, adv, mask, beta=0.5)
     assert no_ref.item() == bare.item() and st_no_ref == st
+
+
+# ---- gaps mutation testing found (python tests/mutation.py lp_reg.select_tokens dppo.trust_region_mask) ----
+def test_trust_region_mask_hand_table_at_the_thresholds_with_asymmetric_deltas():
+    """Eq. 12 by hand, delta_low = 0.125 (A < 0) != delta_high = 0.25 (A > 0): a token is cut only if it moves away
+    from mu (r > 1 for A > 0, r < 1 for A < 0: r exactly 1 does not, though a top-K D can be large there) and D is
+    strictly above its sign's delta (D exactly at delta is kept); A = 0 is never cut."""
+    # (r, D, M) per token; rows A = +2, -0.5, 0
+    table = [[(1.0, 0.5, 1), (1.5, 0.25, 1), (1.5, 0.375, 0), (1.5, 0.2, 1), (0.5, 0.5, 1)],
+             [(1.0, 0.5, 1), (0.5, 0.125, 1), (0.5, 0.2, 0), (0.5, 0.1, 1), (1.5, 0.5, 1)],
+             [(1.0, 0.5, 1), (1.5, 0.375, 1), (0.5, 0.2, 1), (1.5, 0.5, 1), (0.5, 0.5, 1)]]
+    ratio, div, expect = (torch.tensor([[tok[j] for tok in row] for row in table]).float() for j in range(3))
+    m = trust_region_mask(div, ratio, torch.tensor([2.0, -0.5, 0.0]), 0.125, 0.25)
+    assert m.dtype == torch.float32 and torch.equal(m, expect)
+    swapped = trust_region_mask(div, ratio, torch.tensor([2.0, -0.5, 0.0]), 0.25, 0.125)  # the deltas by sign
+    assert swapped[0].tolist() == [1, 0, 0, 0, 1] and swapped[1].tolist() == [1, 1, 1, 1, 1]

@@ -388,3 +388,115 @@ def test_full_proxy_kl_sums_over_the_top_k_only():
     expect = torch.tensor([[sum(math.exp(proxy[b, t, k]) * (proxy[b, t, k] - theta[b, t, k]) for k in range(K))
                             for t in range(T)] for b in range(B)])
     assert torch.allclose(full_proxy_kl(theta, proxy), expect, atol=1e-6)
+
+
+# ---- gaps mutation testing found (python tests/mutation.py lp_reg.select_tokens dppo.trust_region_mask) ----
+import threading  # noqa: E402
+from fractions import Fraction  # noqa: E402
+
+
+def naive_select(parts, rho):
+    """select_tokens' docstring in plain Python over a mini-batch given as rank parts [(logp, adv, mask), ...]: the N
+    valid tokens with A < 0, k = floor(rho * N) in exact arithmetic (rho as the decimal written), nothing if k <= 1,
+    else every one of them whose logp is <= the k-th smallest (ties all in). One [B, T] bool per part."""
+    neg = [(p, i, t) for p, (lp, a, m) in enumerate(parts) for i in range(lp.shape[0]) for t in range(lp.shape[1])
+           if m[i, t] > 0 and a[i] < 0]
+    k = math.floor(Fraction(str(rho)) * len(neg))
+    out = [torch.zeros(lp.shape, dtype=torch.bool) for lp, _, _ in parts]
+    if k <= 1:
+        return out
+    kth = sorted(parts[p][0][i, t].item() for p, i, t in neg)[k - 1]
+    for p, i, t in neg:
+        out[p][i, t] = parts[p][0][i, t].item() <= kth
+    return out
+
+
+def _n_neg_toy(n_rows, seed):
+    """n_rows rows of 10 valid negative-advantage tokens (N = 10 * n_rows), plus rows that must not count: a padded
+    negative row, a positive one and an A = 0 one (all with lower log-probs than any negative token)."""
+    g = torch.Generator().manual_seed(seed)
+    logp = torch.log(torch.rand(n_rows + 3, 10, generator=g))
+    logp[n_rows:] -= 50.0
+    mask = torch.ones(n_rows + 3, 10)
+    mask[n_rows] = 0.0
+    adv = torch.cat([-torch.rand(n_rows, generator=g) - 0.1, torch.tensor([-1.0, 1.0, 0.0])])
+    return logp, adv, mask
+
+
+@pytest.mark.parametrize("rho", [0.02, 0.019, 0.29, 0.5, 0.57, 1.0])
+def test_select_is_the_naive_rule_where_rho_times_n_is_a_whole_number(rho):
+    """N = 100: rho * N is a whole number in exact arithmetic (0.29 * 100 and 0.57 * 100 fall just below it in
+    floats), so k is exactly rho * 100 (and 1.9 -> k = 1: nothing)."""
+    logp, adv, mask = _n_neg_toy(10, 11)
+    sel = select_tokens(logp, adv, mask, rho)
+    (expect,) = naive_select([(logp, adv, mask)], rho)
+    assert torch.equal(sel, expect)
+    assert sel.sum() == (round(rho * 100) if rho * 100 >= 2 else 0)
+
+
+def test_select_defaults_are_the_trainer_s_and_one_process_consults_no_other_rank(monkeypatch):
+    """Called bare, select_tokens is the trainer's rule (rho = Args().rho, over this batch only): 1% of N = 300 is
+    k = 3. Without across_ranks the other ranks are not consulted, even under torchrun (faked: a second rank with
+    many lower tokens that would take all of S)."""
+    logp, adv, mask = _n_neg_toy(30, 12)
+    bare = select_tokens(logp, adv, mask)
+    (expect,) = naive_select([(logp, adv, mask)], lp_reg.Args().rho)
+    assert bare.sum() == 3 and torch.equal(bare, expect)
+    assert torch.equal(select_tokens(logp, adv, mask, rho=lp_reg.Args().rho, across_ranks=False), expect)
+    monkeypatch.setattr(lp_reg, "all_ranks_sum", lambda x: x + 1000)
+    monkeypatch.setattr(lp_reg, "all_ranks_cat", lambda x: torch.cat([x, torch.full((x.numel(),), -1e3)]))
+    assert torch.equal(select_tokens(logp, adv, mask), expect)
+    (expect,) = naive_select([(logp, adv, mask)], 0.1)
+    assert torch.equal(select_tokens(logp, adv, mask, 0.1, across_ranks=False), expect)
+    assert not select_tokens(logp, adv, mask, 0.1, across_ranks=True).any()  # control: the fake rank does act
+
+
+def _on_two_ranks(monkeypatch, parts, rho):
+    """select_tokens(across_ranks=True) run by 2 ranks at once (2 threads), with all_ranks_sum / all_ranks_cat faked
+    as the collectives: every rank must hand in the same shape (all_gather's rule), summed / concatenated in rank
+    order."""
+    barrier, slots, me = threading.Barrier(2, timeout=20), [None, None], threading.local()
+
+    def gather(x):
+        slots[me.rank] = x
+        barrier.wait()
+        got = list(slots)
+        barrier.wait()
+        assert got[0].shape == got[1].shape, "the ranks hand all_gather different shapes"
+        return got
+
+    monkeypatch.setattr(lp_reg, "all_ranks_sum", lambda x: sum(gather(x)))
+    monkeypatch.setattr(lp_reg, "all_ranks_cat", lambda x: torch.cat(gather(x)))
+    out, errors = [None, None], []
+
+    def run(rank):
+        me.rank = rank
+        try:
+            out[rank] = select_tokens(*parts[rank], rho, across_ranks=True)
+        except BaseException as e:  # noqa: BLE001  re-raised below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+@pytest.mark.parametrize("shift", [0.0, 5.0])
+def test_two_ranks_select_the_whole_mini_batch_s_even_when_one_holds_fewer_than_k_tokens(monkeypatch, shift):
+    """Rank 0 holds one row (10 tokens, fewer than k = 24) with some of the lowest tokens, rank 1 the rest: each
+    rank's S is the naive S of the whole mini-batch on its rows. S depends only on the order of the log-probs, so
+    adding a constant to all of them (shift) changes nothing."""
+    logp, adv, mask = _n_neg_toy(27, 13)
+    logp[0, :4] -= 3.0
+    logp = logp + shift
+    parts = [(logp[:1], adv[:1], mask[:1]), (logp[1:], adv[1:], mask[1:])]
+    expect = naive_select(parts, 0.09)  # N = 270: k = floor(24.3) = 24
+    got = _on_two_ranks(monkeypatch, parts, 0.09)
+    assert expect[0].sum() > 0 and expect[0].sum() + expect[1].sum() == 24
+    assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
