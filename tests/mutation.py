@@ -80,6 +80,10 @@ EQUIVALENT = [
      'return (mask.sum(-1).double().clamp(min=1) ** -alpha).sum()',
      'return (mask.sum(+1).double().clamp(min=1) ** -alpha).sum()',
      'mask is [B, T]: dim +1 and dim -1 are the same axis'),
+    ('route_counts',
+     'tokens = mask.sum(-1)  # [B]',
+     'tokens = mask.sum(+1)  # [B]',
+     'mask is [B, T]: dim +1 and dim -1 are the same axis'),
 ]
 
 

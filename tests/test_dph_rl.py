@@ -438,3 +438,169 @@ def test_two_ranks_compute_what_one_process_does(arithmetic_model, one_process_r
     for key in ("pef_idx", "n_correct", "prompt_ids", "response_ids"):  # split on 2 ranks = split on 1 process
         assert split_one[key] == split_two[key], key
     assert_same_as_one_process(one_process_run, tmp_path)  # rollouts, grad norms, weights
+
+
+# ---- gaps mutation testing found (python tests/mutation.py dph_rl.policy_loss dph_rl.dph_loss dph_rl.route_counts) ----
+def naive_ppo(logp, old, adv, mask, eps_low, eps_high, agg, max_len, dual_clip):
+    """PPO-clip with dual-clip token by token (verl compute_policy_loss: max of the two PPO terms, for A < 0 at most
+    -A c; clipfrac counts the tokens where the clipped term is strictly larger), the three aggregations as aggregate's
+    docstring words them, and every statistic: an independent reference."""
+    B, T = logp.shape
+    rows, clipped, ratios = [], 0, 0.0
+    for i in range(B):
+        a, row_sum, row_n = adv[i].item(), 0.0, 0
+        for t in range(T):
+            if mask[i, t] == 0:
+                continue
+            r = math.exp(min(max(logp[i, t].item() - old[i, t].item(), -20.0), 20.0))
+            unclipped, clip = -a * r, -a * min(max(r, 1 - eps_low), 1 + eps_high)
+            loss = max(unclipped, clip)
+            if dual_clip and a < 0:
+                loss = min(loss, -a * dual_clip)
+            row_sum, row_n, clipped, ratios = row_sum + loss, row_n + 1, clipped + (clip > unclipped), ratios + r
+        rows.append((row_sum, row_n))
+    n = sum(k for _, k in rows)
+    if agg == "token-mean":
+        value = sum(s for s, _ in rows) / n
+    elif agg == "seq-mean-token-mean":
+        value = sum(s / max(k, 1) for s, k in rows) / B
+    else:  # seq-mean-token-sum-norm
+        value = sum(s for s, _ in rows) / (B * (max_len or T))
+    return value, {"policy/clipfrac": clipped / n, "policy/ratio": ratios / n}
+
+
+def naive_dph(logp, old, ref, adv, mask, is_pef, eta, kind, alpha, weighting, eps_low, eps_high, dual_clip, agg,
+              max_len):
+    """dph_loss on a whole batch from the module docstring's points 3-5: naive_ppo on the D_exp rows (none: L_exp 0,
+    ratio 1, nothing clipped), the token-mean of the table's f(pi / pi_ref) on the D_pef rows, combined as
+    (N_exp/N) L_exp + eta (N_pef/N) L_pef (share, N in rows) or L_exp + eta L_pef (paper)."""
+    e = [i for i in range(len(is_pef)) if not is_pef[i]]
+    p = [i for i in range(len(is_pef)) if is_pef[i]]
+    l_exp, st = 0.0, {"policy/clipfrac": 0.0, "policy/ratio": 1.0}
+    if e:
+        l_exp, st = naive_ppo(logp[e], old[e], adv[e], mask[e], eps_low, eps_high, agg, max_len, dual_clip)
+    fs = [f_naive(torch.tensor(math.exp(logp[i, t].item() - ref[i, t].item()), dtype=torch.float64), kind,
+                  alpha).item() for i in p for t in range(logp.shape[1]) if mask[i, t]]
+    l_pef = sum(fs) / len(fs) if fs else 0.0
+    s_exp, s_pef = (len(e) / len(is_pef), len(p) / len(is_pef)) if weighting == "share" else (1.0, 1.0)
+    loss = s_exp * l_exp + eta * s_pef * l_pef
+    return loss, {**st, "loss/exp": l_exp, "policy/divergence": l_pef, "loss/policy": loss}
+
+
+def _dph_toy():
+    """6 rows, T = 6. D_exp rows with A = 1.5, -2, 0, 0.5 and log-ratios at 0 (r = 1: inside the clip range, the two
+    PPO terms tie), inside, above and below the range, between 1 + eps_high and the dual clip, past 3 and past 4,
+    +30 and -30 (clamped at +-20); two D_pef rows with log(pi / pi_ref) in [-1.2, 2] (inside forward_kl's clamps);
+    rows of 2 to 6 tokens."""
+    L = math.log
+    logp = -0.1 - 2 * torch.rand(6, 6, generator=torch.Generator().manual_seed(11))
+    logp[2, 4] = -31.0  # log-ratio -30 below: old = -1
+    log_ratio = torch.tensor([[0.0, L(1.1), L(1.6), L(0.5), 30.0, 0.0],  # A = 1.5
+                              [0.0] * 6,  # D_pef
+                              [L(0.9), L(0.5), L(2.5), L(3.5), -30.0, L(1.2)],  # A = -2
+                              [0.2, -0.3, 0.0, 0.1, 0.0, 0.0],  # A = 0
+                              [0.0] * 6,  # D_pef
+                              [L(1.2), L(0.7), 0.0, 0.0, 0.0, 0.0]])  # A = 0.5
+    old = logp - log_ratio
+    is_pef = torch.tensor([False, True, False, False, True, False])
+    delta = torch.zeros(6, 6)
+    delta[1], delta[4, :3] = torch.tensor([0.3, -1.2, 2.0, -0.4, 0.0, 0.7]), torch.tensor([-0.7, 1.1, 0.5])
+    ref = torch.where(is_pef[:, None], logp - delta, torch.randn(6, 6))  # D_exp rows: anything, never read
+    adv = torch.tensor([1.5, 0.0, -2.0, 0.0, 0.0, 0.5])
+    mask = torch.tensor([[1.0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0],
+                         [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    return logp, old, ref, adv, mask, is_pef
+
+
+@pytest.mark.parametrize("kind,alpha,weighting,agg,max_len,eps_low,eps_high,dual_clip,eta,rows,one_token", [
+    ("js", 0.2, "share", "token-mean", None, 0.1, 0.5, 2.0, 0.3, None, False),  # asymmetric eps, dual clip 2
+    ("alpha", 0.6, "paper", "seq-mean-token-mean", None, 0.2, 0.28, 3.0, 0.5, None, False),
+    ("forward_kl", 0.2, "share", "seq-mean-token-sum-norm", 9, 0.3, 0.2, 0.0, 1.0, None, False),  # max_len > T
+    ("js", 0.2, "share", "token-mean", None, 0.2, 0.28, 3.0, 0.4, [0, 1], True),  # 1 D_exp token, 1 D_pef token
+    ("alpha", 0.3, "share", "seq-mean-token-mean", None, 0.2, 0.28, 3.0, 0.4, [2, 4], True),  # 1 D_exp row
+])
+def test_loss_and_every_stat_equal_the_token_by_token_reference(kind, alpha, weighting, agg, max_len, eps_low,
+                                                                 eps_high, dual_clip, eta, rows, one_token):
+    """dph_loss (and policy_loss on its D_exp rows): the loss and every statistic, keys and values, against
+    naive_dph / naive_ppo, for every divergence, weighting and aggregation, asymmetric clips, dual-clip off, 2 and 3,
+    and normalisers of a single token or row."""
+    logp, old, ref, adv, mask, is_pef = _dph_toy()
+    if rows is not None:
+        logp, old, ref, adv, mask, is_pef = (x[rows] for x in (logp, old, ref, adv, mask, is_pef))
+    if one_token:
+        mask[:, 1:] = 0
+    kw = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, agg=agg, max_len=max_len)
+    loss, st = dph_loss(logp, old, ref, adv, mask, is_pef, eta, kind, alpha, weighting, **kw)
+    expect, est = naive_dph(logp, old, ref, adv, mask, is_pef, eta, kind, alpha, weighting, **kw)
+    assert loss.item() == pytest.approx(expect, rel=1e-5, abs=1e-7) and set(st) == set(est)
+    for k, v in est.items():
+        assert st[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    e = ~is_pef
+    ppo, st_ppo = policy_loss(logp[e], old[e], adv[e], mask[e], **kw)
+    expect_ppo, est_ppo = naive_ppo(logp[e], old[e], adv[e], mask[e], **kw)
+    assert ppo.item() == pytest.approx(expect_ppo, rel=1e-5) and set(st_ppo) == set(est_ppo)
+    for k, v in est_ppo.items():
+        assert st_ppo[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    assert 0 < st["policy/clipfrac"] < 1 or one_token
+
+
+def test_log_ratios_past_20_are_clamped_to_e20():
+    """log(pi / pi_old) of +-30 and +-100 gives a ratio of exactly e^+-20, in the statistic and in the loss (the
+    unclipped term for A > 0 below the range, and for A < 0 above it with dual-clip off): finite, never e^+-30."""
+    old = torch.full((1, 1), -2.0)
+    for log_ratio in (30.0, -30.0, 100.0, -100.0):
+        r = math.exp(math.copysign(20.0, log_ratio))
+        for a in (1.0, -1.0):
+            loss, st = policy_loss(old + log_ratio, old, torch.tensor([a]), torch.ones(1, 1), dual_clip=0)
+            assert st["policy/ratio"] == pytest.approx(r, rel=1e-6)
+            assert loss.item() == pytest.approx(max(-a * r, -a * min(max(r, 0.8), 1.28)), rel=1e-6)
+
+
+def test_an_infinite_dual_clip_bounds_nothing():
+    """dual_clip = inf is dual-clip off (0), rows with A = 0 (groups of equal rewards) included."""
+    logp, old, _, adv, mask, is_pef = _dph_toy()
+    e = ~is_pef
+    off, st_off = policy_loss(logp[e], old[e], adv[e], mask[e], dual_clip=0)
+    inf, st_inf = policy_loss(logp[e], old[e], adv[e], mask[e], dual_clip=float("inf"))
+    assert (adv[e] == 0).any() and inf.item() == off.item() and st_inf == st_off
+
+
+def test_the_defaults_are_the_trainer_s():
+    """Called bare (eta has no default), dph_loss and policy_loss are the method as dph_rl.py runs it with Args(): JS,
+    share, clip-higher 0.2 / 0.28, dual-clip 3, token-mean; the alpha divergence without an alpha is Args().alpha's."""
+    logp, old, ref, adv, mask, is_pef = _dph_toy()  # A = -2 at ratio 3.5: dual-clip 3 acts, 4 would not
+    a = dph_rl.Args()
+    kw = dict(eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip, agg=a.agg)
+    bare, st = dph_loss(logp, old, ref, adv, mask, is_pef, 0.2)
+    full, st_full = dph_loss(logp, old, ref, adv, mask, is_pef, 0.2, a.divergence, a.alpha, a.pef_weighting, **kw)
+    assert bare.item() == full.item() and st == st_full
+    for kind in KINDS:
+        bare, st = dph_loss(logp, old, ref, adv, mask, is_pef, 0.2, kind)
+        full, st_full = dph_loss(logp, old, ref, adv, mask, is_pef, 0.2, kind, a.alpha)
+        assert bare.item() == full.item() and st == st_full, kind
+    e = ~is_pef
+    bare, st = policy_loss(logp[e], old[e], adv[e], mask[e])
+    full, st_full = policy_loss(logp[e], old[e], adv[e], mask[e], **kw)
+    assert bare.item() == full.item() and st == st_full
+    assert bare.item() != policy_loss(logp[e], old[e], adv[e], mask[e], dual_clip=0)[0].item()  # not vacuous
+    with pytest.raises(ValueError, match="unknown pef_weighting 'equal'"):
+        dph_loss(logp, old, ref, adv, mask, is_pef, 0.2, weighting="equal")
+
+
+def test_each_route_reads_only_its_own_inputs():
+    """D_pef rows alone need no old log-probs or advantages: L_exp 0 and the on-policy PPO statistics (ratio 1,
+    nothing clipped); D_exp rows alone need no reference log-probs: DAPO, with a divergence of 0."""
+    logp, old, ref, adv, mask, is_pef = _dph_toy()
+    p, e = is_pef, ~is_pef
+    loss, st = dph_loss(logp[p], None, ref[p], None, mask[p], is_pef[p], 0.3, "js")
+    u = torch.exp(logp[p] - ref[p]).double()[mask[p] > 0]
+    l_pef = f_naive(u, "js").mean().item()
+    assert loss.item() == pytest.approx(0.3 * l_pef, rel=1e-5) and set(st) == {
+        "policy/clipfrac", "policy/ratio", "loss/exp", "policy/divergence", "loss/policy"}
+    assert st["policy/clipfrac"] == 0.0 and st["policy/ratio"] == 1.0 and st["loss/exp"] == 0.0
+    assert st["policy/divergence"] == pytest.approx(l_pef, rel=1e-5)
+    assert st["loss/policy"] == pytest.approx(loss.item())
+    loss, st = dph_loss(logp[e], old[e], None, adv[e], mask[e], is_pef[e], 0.3)
+    dapo, st_dapo = policy_loss(logp[e], old[e], adv[e], mask[e])
+    assert loss.item() == dapo.item() and st == {**st_dapo, "loss/exp": dapo.item(), "policy/divergence": 0.0,
+                                                 "loss/policy": dapo.item()}
