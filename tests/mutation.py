@@ -84,6 +84,14 @@ EQUIVALENT = [
      'tokens = mask.sum(-1)  # [B]',
      'tokens = mask.sum(+1)  # [B]',
      'mask is [B, T]: dim +1 and dim -1 are the same axis'),
+    ('aggregate',
+     'return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()',
+     'return ((token_loss * mask).sum(+1) / mask.sum(-1).clamp(min=1)).mean()',
+     'mask and token_loss are [B, T]: dim +1 and dim -1 are the same axis'),
+    ('aggregate',
+     'return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()',
+     'return ((token_loss * mask).sum(-1) / mask.sum(+1).clamp(min=1)).mean()',
+     'mask and token_loss are [B, T]: dim +1 and dim -1 are the same axis'),
 ]
 
 

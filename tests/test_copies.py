@@ -30,6 +30,8 @@ def test_group_advantages_hand_computed(mod):
     assert torch.allclose(mod.group_advantages(r, 4, scale_std=False), centred)
     assert torch.allclose(mod.group_advantages(torch.tensor([1.0, 0.0]), 2, eps=0.0),  # G = 2: std = 1 / sqrt(2)
                           torch.tensor([math.sqrt(0.5), -math.sqrt(0.5)]), atol=1e-6)
+    assert torch.allclose(mod.group_advantages(r, 4), mod.group_advantages(r, 4, eps=1e-6), atol=0, rtol=0)  # default
+    assert torch.equal(mod.group_advantages(torch.tensor([1.0, 0.0]), 1), torch.zeros(2))  # G = 1: 0, never NaN
 
 
 @pytest.mark.parametrize("mod", ALL, ids=ids(ALL))
@@ -43,13 +45,15 @@ def test_equal_reward_groups_get_zero_and_the_input_is_left_alone(mod):
 
 @pytest.mark.parametrize("mod", GRPO_AGG, ids=ids(GRPO_AGG))
 def test_aggregations_hand_computed(mod):
-    x = torch.tensor([[1.0, 2, 3], [4, 5, 99], [7, 99, 99]])
-    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 0, 0]])  # 3, 2 and 1 real tokens
+    x = torch.tensor([[1.0, 2, 3, 99], [4, 5, 99, 99], [7, 99, 99, 99]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]])  # 3, 2 and 1 real tokens; width 4
     assert mod.aggregate(x, mask, "token-mean").item() == pytest.approx((1 + 2 + 3 + 4 + 5 + 7) / 6)
+    assert mod.aggregate(x, mask).item() == mod.aggregate(x, mask, "token-mean").item()  # the default
+    assert mod.aggregate(x[2:], mask[2:], "token-mean").item() == 7.0  # one token: divided by 1
     assert mod.aggregate(x, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4.5 + 7) / 3)
-    assert mod.aggregate(x, mask, "seq-mean-token-sum-norm", max_len=4).item() == pytest.approx(22 / (3 * 4))
-    assert mod.aggregate(x, mask, "seq-mean-token-sum-norm").item() == pytest.approx(22 / (3 * 3))  # padded width
-    empty = torch.zeros(2, 3)
+    assert mod.aggregate(x, mask, "seq-mean-token-sum-norm", max_len=5).item() == pytest.approx(22 / (3 * 5))
+    assert mod.aggregate(x, mask, "seq-mean-token-sum-norm").item() == pytest.approx(22 / (3 * 4))  # padded width
+    empty = torch.zeros(2, 4)
     assert mod.aggregate(x[:2], empty, "token-mean").item() == 0 == mod.aggregate(x[:2], empty, "seq-mean-token-mean")
     with pytest.raises(ValueError, match="unknown agg"):
         mod.aggregate(x, mask, "sum")
