@@ -258,7 +258,8 @@ def main(args: Args):
                            args.vllm_gpu_memory, replicate=model if args.fsdp else None)
     policy = wrap_policy(model, world, args.fsdp, dtype)  # the model itself, DDP, or FSDP2 (then model is sharded)
     ref_model = wrap_policy(ref_model, world, True, dtype) if args.fsdp and ref_model is not None else ref_model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    # fused: one kernel for the whole update (torch's CPU default loops over the tensors in Python: 5x slower)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
     start = 0
     if ckpt is not None:
         load_full_state(model, optimizer, ckpt)

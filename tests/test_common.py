@@ -320,6 +320,24 @@ def test_chunk_logprobs_backward_passes_gradcheck(temperature, with_entropy):
     assert torch.autograd.gradcheck(f, (h, w))
 
 
+@pytest.mark.parametrize("frozen", ["weight", "h"])
+def test_chunk_logprobs_backward_with_one_input_frozen(frozen):
+    """A frozen LM head (or frozen hidden states) still gets the other input's gradient, each gated on its own
+    needs_input_grad flag."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=frozen != "h")  # [n, H]
+    w = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=frozen != "weight")  # [V, H]
+    tgt, ext = torch.tensor([0, 3, 6, 3, 1]), torch.tensor([[1, 2], [3, 0], [6, 5], [2, 3], [4, 1]])
+    logp, ent, extra = common._ChunkLogprobs.apply(h, w, tgt, ext, 1.0, True)
+    (logp.sum() + 0.3 * ent.sum() - extra.sum()).backward()
+    h2, w2 = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    lp = torch.log_softmax(h2 @ w2.T, -1)  # [n, V] naive
+    ent2 = -(lp.exp() * lp).sum(-1)
+    (lp.gather(-1, tgt[:, None]).sum() + 0.3 * ent2.sum() - lp.gather(-1, ext).sum()).backward()
+    live, naive = (h, h2) if frozen == "weight" else (w, w2)
+    assert torch.allclose(live.grad, naive.grad)
+
+
 def test_hf_sampler_behaviour_logprobs_match_trainer(tok, rand_model):
     s, batch = _batch(tok, rand_model, temperature=0.8)
     assert len(s.response_ids) == 6 and all(f in ("stop", "length") for f in s.finish)
@@ -482,3 +500,65 @@ def test_hf_sampler_bf16_matches_the_bf16_trainer_closely(standin):
 def test_gsm8k_keeps_every_training_row():
     train, test = common.load_task("gsm8k")
     assert len(train) == 7473 and len(test) == 500  # was silently cut to 5,000
+
+
+# ---- gaps mutation testing found in common.py (python tests/mutation.py common.token_logprobs ...) --------------
+def test_token_logprobs_defaults_and_a_batch_without_response_tokens(tok, rand_model):
+    """Called bare: temperature 1, no entropy. A batch whose responses are all empty (every mask 0) gives zeros of
+    the right shapes in float32 (also under bf16 autocast and from bf16 weights), not an error."""
+    _, batch = _batch(tok, rand_model)
+    bare = common.token_logprobs(rand_model, batch)
+    assert set(bare) == {"logp"}
+    assert torch.equal(bare["logp"], common.token_logprobs(rand_model, batch, 1.0, 256, False)["logp"])
+    empty = {**batch, "mask": torch.zeros_like(batch["mask"])}
+    B, T = batch["mask"].shape
+    half = common.tiny_model(len(tok), seed=0).eval().bfloat16()
+    for model, ctx in [(rand_model, torch.autocast("cpu", enabled=False)), (half, torch.autocast("cpu", enabled=False)),
+                       (rand_model, torch.autocast("cpu", dtype=torch.bfloat16))]:
+        with ctx:
+            out = common.token_logprobs(model, empty, with_entropy=True, extra_ids=batch["topk_ids"])
+        assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
+            "logp": ((B, T), torch.float32), "entropy": ((B, T), torch.float32),
+            "extra_logp": ((B, T, batch["topk_ids"].shape[-1]), torch.float32)}
+        assert all(not v.any() for v in out.values())
+
+
+def test_token_logprobs_keep_a_float64_model_s_precision(tok, rand_model):
+    """The scatter back to [B, T] keeps the chunks' dtype: a float64 model gives float64 log-probs (as gradcheck
+    needs), equal to the float32 ones to float32 precision."""
+    _, batch = _batch(tok, rand_model)
+    model64 = common.tiny_model(len(tok), seed=0).eval().double()
+    out = common.token_logprobs(model64, batch, with_entropy=True)
+    assert out["logp"].dtype == out["entropy"].dtype == torch.float64
+    assert torch.allclose(out["logp"].float(), common.token_logprobs(rand_model, batch)["logp"], atol=1e-5)
+
+
+def test_under_autocast_the_projection_and_its_backward_run_in_the_autocast_dtype(tok, rand_model, monkeypatch):
+    """Hidden states and LM head reach the chunked projection both in bf16 (cast once), so its hand-written backward
+    multiplies in bf16 too, as the model's own lm_head would; the log-probs still come out float32."""
+    _, batch = _batch(tok, rand_model)
+    seen, apply = [], common._ChunkLogprobs.apply
+    monkeypatch.setattr(common._ChunkLogprobs, "apply",
+                        lambda h, w, *a: (seen.append((h.dtype, w.dtype)), apply(h, w, *a))[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = common.token_logprobs(rand_model, batch)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)} and out["logp"].dtype == torch.float32
+
+
+def test_sample_tokens_scales_u_by_the_row_total_and_stays_in_the_vocabulary():
+    """Inverse CDF on the row's own total (probabilities that do not sum to 1 are drawn in proportion); a NaN row
+    (a broken model) still yields an id inside the vocabulary, so the NaN check downstream names the problem."""
+    w = torch.tensor([[0.1, 0.1, 0.2], [0.1, 0.1, 0.2]])  # total 0.4
+    assert common.sample_tokens(w, torch.tensor([0.3, 0.6])).tolist() == [1, 2]  # 0.12 -> cdf 0.2; 0.24 -> cdf 0.4
+    nan = torch.full((1, 4), float("nan"))
+    assert common.sample_tokens(nan, torch.tensor([0.5])).tolist() == [3]
+
+
+def test_stream_seeds_use_62_bits():
+    """Seeds come from the 64-bit state shifted below 2**62 (vLLM adds the child index): the whole range is used."""
+    seeds = common.stream_seeds((0, "rollout", 3), 4096)
+    assert max(seeds) < 2**62 and max(seeds) >= 2**61 and len(set(seeds)) == 4096
+
+
+def test_extract_answer_of_an_empty_completion_is_empty():
+    assert common.extract_answer("") == "" and common.extract_answer("  \n \n") == ""

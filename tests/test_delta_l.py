@@ -406,3 +406,29 @@ def test_micro_weight_hand_computed_and_at_the_boundaries():
     empty = torch.zeros(3, 4)
     assert micro_weight(empty, empty, "dapo") == 0.0  # 0 tokens: the loss is 0, the share 0 (not nan or 1)
     assert micro_weight(mask, mask, "delta_l", 1.0, total=torch.tensor(0.0, dtype=torch.float64)) == 0.0
+
+
+def test_weights_defaults_and_scale_free():
+    """delta_l_weights(L) is the paper's minimum-variance case (alpha 1) summing to 1 (M = 1), and only the length
+    ratios matter: computed on L / mean L, the weights of lengths x 1e20 are the same (no overflow to 0/0)."""
+    L = torch.tensor([3, 12, 48, 6])
+    w = delta_l_weights(L)
+    assert torch.allclose(w, (1 / L.double() / (1 / L.double()).sum()).float()) and w.sum().item() == pytest.approx(1)
+    assert torch.allclose(delta_l_weights(L.double() * 1e20), w)
+
+
+def test_aggregation_aliases_and_one_token():
+    """Each mode answers to its paper name and to the verl name; a batch of one response token is that token's loss
+    in every mode that averages (token-mean: divided by 1 token); an unknown mode is named in the error."""
+    g = torch.Generator().manual_seed(0)
+    tl = torch.randn(3, 5, generator=g)
+    mask = torch.tensor([[1.0, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    for short, long in [("dapo", "token-mean"), ("grpo", "seq-mean-token-mean"),
+                        ("dr_grpo", "seq-mean-token-sum-norm")]:
+        assert aggregate(tl, mask, long, max_len=9).item() == aggregate(tl, mask, short, max_len=9).item()
+    one = torch.zeros(1, 5)
+    one[0, 2] = 1.0
+    for mode in ("token-mean", "seq-mean-token-mean", "delta_l"):
+        assert aggregate(tl[:1], one, mode, max_len=1).item() == pytest.approx(tl[0, 2].item(), rel=1e-6), mode
+    with pytest.raises(ValueError, match="unknown agg 'token_mean'"):
+        aggregate(tl, mask, "token_mean")

@@ -88,14 +88,26 @@ def test_alpha_limits_and_tails():
     far = torch.tensor([-60.0], dtype=torch.float64)
     assert per_token(far, "js").item() == pytest.approx(math.log(2), abs=1e-12)
     assert per_token(far, "alpha", 0.2).item() == pytest.approx(1.25, abs=1e-12)
-    with pytest.raises(ValueError):
-        f_divergence(d.reshape(1, -1), d.reshape(1, -1), torch.ones(1, 28), "alpha", 1.0)
+    for alpha in (0.0, 1.0):  # both ends excluded: f divides by alpha (alpha - 1)
+        with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\), got"):
+            f_divergence(d.reshape(1, -1), d.reshape(1, -1), torch.ones(1, 28), "alpha", alpha)
+    with pytest.raises(ValueError, match=r"unknown divergence 'kl': js \| forward_kl \| alpha"):
+        f_divergence(d.reshape(1, -1), d.reshape(1, -1), torch.ones(1, 28), "kl")
+
+
+def test_default_divergence_is_js():
+    """The paper's default generator (and the trainer's --divergence default) is Jensen-Shannon."""
+    g = torch.Generator().manual_seed(0)
+    logp, ref = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert f_divergence(logp, ref, mask).item() == f_divergence(logp, ref, mask, "js").item()
 
 
 def test_forward_kl_clamp_zeroes_the_gradient():
-    x = torch.tensor([[-12.0, -10.0, 2.5, 2.7, 25.0]], requires_grad=True)
+    x = torch.tensor([[-12.0, -10.0, 2.5, 2.7, 25.0, 100.0]], requires_grad=True)
     f_divergence(x, torch.zeros_like(x), torch.ones_like(x), "forward_kl").backward()
     assert x.grad[0, 0] == 0 and x.grad[0, 3] == 0 and x.grad[0, 4] == 0  # value clamped at 10 (or delta at 20)
+    assert x.grad[0, 5] == 0  # delta capped at 20 before expm1: e^100 overflows float32, and 0 * inf would be NaN
     assert x.grad[0, 1] < 0 and x.grad[0, 2] > 0
     assert per_token(torch.tensor([-12.0, 30.0]), "forward_kl").tolist() == [10.0, 10.0]
 

@@ -432,3 +432,9 @@ def test_trust_region_mask_hand_table_at_the_thresholds_with_asymmetric_deltas()
     assert m.dtype == torch.float32 and torch.equal(m, expect)
     swapped = trust_region_mask(div, ratio, torch.tensor([2.0, -0.5, 0.0]), 0.25, 0.125)  # the deltas by sign
     assert swapped[0].tolist() == [1, 0, 0, 0, 1] and swapped[1].tolist() == [1, 1, 1, 1, 1]
+
+
+def test_unknown_divergence_is_named_with_the_choices():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match=r"unknown divergence 'tv': binary_tv \| binary_kl \| topk_tv \| topk_kl"):
+        divergence(x, x, "tv")

@@ -55,6 +55,40 @@ def test_k3_kl_term():
     assert st["policy/kl"] == pytest.approx(kl, abs=1e-6)
 
 
+def test_policy_loss_log_ratio_is_capped_at_20_both_ways():
+    """exp(log-ratio) is taken of the log-ratio clamped to [-20, 20]: the value stops at e^20 / e^-20 and no gradient
+    flows past the cap (an overflowing ratio would turn a whole step to inf/NaN). Stats report the mean ratio."""
+    old, mask = torch.zeros(1, 4), torch.tensor([[1.0, 1, 1, 0]])
+    e = math.exp
+    for a, want in [(-1.0, (e(20) + 0.8 + e(0.3)) / 3),  # A < 0: max(r, clip(r)): e^20 kept, 0.8 (clipped), e^0.3
+                    (1.0, (-1.2 - e(-20) - 1.2) / 3)]:  # A > 0: max(-r, -clip(r)): -1.2, -e^-20 (unclipped), -1.2
+        logp = torch.tensor([[20.5, -20.5, 0.3, 0.0]], requires_grad=True)
+        loss, st = policy_loss(logp, old, torch.tensor([a]), mask)
+        loss.backward()
+        assert loss.item() == pytest.approx(want, rel=1e-6)
+        assert logp.grad[0, 0] == 0 and logp.grad[0, 1] == 0  # past the cap on either side: no gradient
+        assert st["policy/ratio"] == pytest.approx((e(20) + e(-20) + e(0.3)) / 3, rel=1e-6)
+        assert set(st) == {"policy/clipfrac", "policy/ratio"}  # no KL term, so no KL statistic
+
+
+def test_policy_loss_kl_only_with_a_reference_and_beta_above_0():
+    """beta defaults to 0: a reference alone adds nothing (not even a statistic), nor does beta without one; the k3
+    term's log-ratio is capped at [-20, 20] like the policy's."""
+    old, mask, adv = torch.zeros(1, 3), torch.ones(1, 3), torch.zeros(1)
+    logp = torch.zeros(1, 3)
+    ref = torch.tensor([[20.5, -20.5, 0.3]])  # ref_logp - logp
+    base, st0 = policy_loss(logp, old, adv, mask)
+    for kw in ({"ref_logp": ref}, {"beta": 0.1}, {"ref_logp": ref, "beta": 0.0}):
+        loss, st = policy_loss(logp, old, adv, mask, **kw)
+        assert loss.item() == base.item() and set(st) == set(st0), kw
+    k3 = lambda d: math.exp(d) - d - 1  # noqa: E731
+    for far in (20.5, -20.5):  # one at a time: e^20 would hide the lower cap's 0.5
+        ref = torch.tensor([[far, 0.3, 0.0]])
+        loss, st = policy_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1)
+        kl = (k3(math.copysign(20, far)) + k3(0.3) + k3(0.0)) / 3
+        assert loss.item() == pytest.approx(0.1 * kl, rel=1e-6) and st["policy/kl"] == pytest.approx(kl, rel=1e-6)
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batches_accumulate_to_the_whole_batch(agg):
     torch.manual_seed(0)

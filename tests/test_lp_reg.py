@@ -500,3 +500,85 @@ def test_two_ranks_select_the_whole_mini_batch_s_even_when_one_holds_fewer_than_
     got = _on_two_ranks(monkeypatch, parts, 0.09)
     assert expect[0].sum() > 0 and expect[0].sum() + expect[1].sum() == 24
     assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+
+
+def test_reference_kl_and_aggregation_on_a_plain_batch():
+    """The k3 KL to the reference on ordinary log-ratios (in the extreme toy an e^20 term hides it), and the
+    aggregation's max_len reaching Dr. GRPO's constant normaliser."""
+    logp, old, proxy, adv, mask = _loss_toy(3)
+    ref = old + 0.4 * torch.randn_like(old)
+    sel = select_tokens(logp, adv, mask, 0.3)
+    loss, st = lp_reg_loss(logp, old, proxy, adv, mask, rho=0.3, beta=0.7, ref_logp=ref, ref_beta=0.3)
+    expect, est = naive_lp_reg(logp, old, proxy, adv, mask, sel, 0.7, 1.0, 9.0, ref, 0.3)
+    assert loss.item() == pytest.approx(expect, rel=1e-5) and st["policy/kl"] == pytest.approx(est["policy/kl"])
+    tm, _ = lp_reg_loss(logp, old, proxy, adv, mask, rho=0.3, beta=0.7)
+    norm, _ = lp_reg_loss(logp, old, proxy, adv, mask, rho=0.3, beta=0.7, agg="seq-mean-token-sum-norm", max_len=80)
+    assert norm.item() == pytest.approx(tm.item() * mask.sum().item() / (mask.shape[0] * 80), rel=1e-5)
+
+
+def test_no_gradient_past_the_log_ratio_cap():
+    """A > 0, ratio e^-30 (unclipped in Lp-Reg's [0, 10] range): the log-ratio is capped at -20, so the token's
+    gradient is exactly 0, as past +20."""
+    old, mask, adv = torch.zeros(1, 3), torch.ones(1, 3), torch.tensor([1.0])
+    logp = torch.tensor([[-30.0, -20.5, 30.0]], requires_grad=True)
+    loss, _ = lp_reg_loss(logp, old, torch.full((1, 3), -1e4), adv, mask)
+    loss.backward()
+    assert loss.item() == pytest.approx((-math.exp(-20) - math.exp(-20) - 10.0) / 3, rel=1e-6)
+    assert torch.equal(logp.grad, torch.zeros(1, 3))
+
+
+def test_regularised_tokens_are_response_tokens_strictly_below_the_proxy():
+    """Of a given selection, only response tokens (mask 1) with log pi < log pi_proxy are regularised (Eq. 6 needs
+    pi_proxy > pi_theta); a token exactly at its proxy, or off the response, is not counted."""
+    logp = torch.tensor([[-3.0, -3.0, -3.0, -3.0]])
+    proxy = torch.tensor([[-2.0, -3.0, -2.0, -4.0]])  # below, tied, below but padding, above
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+    everything = torch.ones(1, 4, dtype=torch.bool)
+    _, st = lp_reg_loss(logp, logp.clone(), proxy, torch.tensor([-1.0]), mask, select=everything)
+    assert st["policy/lp_selected"] == 1 and st["policy/lp_candidates"] == 4
+
+
+def test_proxy_default_kappa_float32_math_and_exact_when_nothing_is_filtered():
+    """kappa defaults to the paper's 0.02; bf16 logits are upcast before the softmax (float32 out); a row with nothing
+    filtered returns log p itself, bit for bit, not log p - log Z with Z rounded near 1."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 40, generator=g) * 3
+    seed = 0  # a near-uniform row (nothing filtered) whose logsumexp of log-softmax rounds away from 0
+    while torch.log_softmax(row := 0.01 * torch.randn(40, generator=torch.Generator().manual_seed(seed)), -1) \
+            .logsumexp(-1) == 0:
+        seed += 1
+    logits[1] = row
+    tokens = torch.tensor([5, 7, 9])
+    got = minp_proxy_logp(logits, tokens)
+    assert torch.equal(got, minp_proxy_logp(logits, tokens, 0.02))
+    assert got[1] == torch.log_softmax(logits, -1)[1, 7]  # exactly
+    half = minp_proxy_logp(logits.bfloat16(), tokens)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, minp_proxy_logp(logits.bfloat16().float(), tokens))
+
+
+def test_proxy_top_k_keeps_ties_and_kappa_0_keeps_all():
+    """The full-KL proxy: kappa = 0 keeps every one of the top k (renormalised over them); ties with kappa * max p
+    are kept (>=, as apply_min_p): kappa = 1 on a flat row keeps all k."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 30, generator=g)
+    ids, lp = lp_reg.minp_proxy_topk(logits, 0.0, 5)
+    top = torch.log_softmax(logits, -1).topk(5, -1)
+    assert torch.equal(ids, top.indices)
+    assert torch.allclose(lp, top.values - top.values.logsumexp(-1, keepdim=True))
+    ids, lp = lp_reg.minp_proxy_topk(torch.zeros(2, 30), 1.0, 4)
+    assert torch.allclose(lp, torch.full((2, 4), -math.log(4)))
+    half_ids, half = lp_reg.minp_proxy_topk(logits.bfloat16(), 0.02, 5)
+    assert half.dtype == torch.float32
+
+
+def test_reference_kl_log_ratio_is_capped_at_20_both_ways():
+    """ref_beta * k3(ref_logp - logp), the log-ratio clamped to [-20, 20] as in the policy term (A = 0: nothing
+    selected, no policy loss)."""
+    logp = torch.zeros(1, 3)
+    for far in (20.5, -20.5):  # one at a time: e^20 would hide the lower cap's 0.5
+        ref = torch.tensor([[far, 0.3, 0.0]])
+        loss, st = lp_reg_loss(logp, logp, torch.full((1, 3), -1e4), torch.zeros(1), torch.ones(1, 3), ref_logp=ref,
+                               ref_beta=0.1)
+        kl = sum(math.exp(d) - d - 1 for d in (math.copysign(20, far), 0.3, 0.0)) / 3
+        assert loss.item() == pytest.approx(0.1 * kl, rel=1e-6) and st["policy/kl"] == pytest.approx(kl, rel=1e-6)

@@ -159,3 +159,40 @@ def test_no_completions_give_no_rewards_and_lengths_must_match(tok):
     assert Verifier()([], []) == []
     with pytest.raises(ValueError, match="1 examples for 2 completions"):
         Verifier()([COUNTDOWN], ["1", "2"])
+
+
+def test_countdown_expression_length_limit_is_200_characters():
+    """At most 200 characters are evaluated (the guard against the compiler's recursion limit): a correct expression
+    of exactly 200 scores 1, one of 201 scores 0."""
+    wrap = lambda e: "(" * 98 + e + ")" * 98  # noqa: E731
+    assert len(wrap("10+2")) == 200 and verify_countdown(f"\\boxed{{{wrap('10+2')}}}", "10,2->12") == 1.0
+    assert len(wrap("10--2")) == 201 and verify_countdown(f"\\boxed{{{wrap('10--2')}}}", "10,2->12") == 0.0
+    assert verify_countdown("\\boxed{10--2}", "10,2->12") == 1.0  # the same expression, short: accepted
+
+
+def test_countdown_rejects_names_and_broken_syntax_that_use_the_right_numbers():
+    """Only digits, + - * and parentheses reach eval: a short expression with a name in it scores 0 (it must not
+    raise NameError); one that does not parse scores 0."""
+    for expr in ("x+10+2", "(10+2", "10+2)", "10+*2"):
+        assert verify_countdown(f"\\boxed{{{expr}}}", "10,2->12") == 0.0, expr
+
+
+def test_math_verifier_time_limits_only_on_the_main_thread(monkeypatch):
+    """math-verify's limits use SIGALRM, which works only on the main thread: there each call gets the timeout (5 s
+    by default); on another thread none (a SIGALRM limit would raise there)."""
+    import threading
+
+    import math_verify
+
+    calls = []
+    monkeypatch.setattr(math_verify, "parse", lambda s, **kw: (calls.append(("parse", kw)), [s])[1])
+    monkeypatch.setattr(math_verify, "verify", lambda g, p, **kw: (calls.append(("verify", kw)), True)[1])
+    assert verify_math("\\boxed{0.5}", "1/2") == 1.0
+    assert calls == [("parse", {"parsing_timeout": 5}), ("parse", {"parsing_timeout": 5}),
+                     ("verify", {"timeout_seconds": 5})]
+    calls.clear()
+    t = threading.Thread(target=verify_math, args=("\\boxed{0.5}", "1/2", 7))
+    t.start()
+    t.join()
+    assert calls == [("parse", {"parsing_timeout": None}), ("parse", {"parsing_timeout": None}),
+                     ("verify", {"timeout_seconds": None})]
