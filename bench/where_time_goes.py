@@ -3,6 +3,7 @@ fraction of this CPU's measured matmul throughput.
 
 python bench/where_time_goes.py                     # 8 prompts x 8 samples, 128 new tokens (3-4 minutes, 2 cores)
 python bench/where_time_goes.py --new_tokens 256 --steps 2
+python bench/where_time_goes.py --ops                # the operations of one update chunk of the log-prob forward
 
 The step is grpo.py's own calls, in its order (HFSampler.generate, collate, token_logprobs + policy_loss + backward,
 clip_grad_norm_, AdamW.step), on the Qwen2.5-shaped stand-in (tests/standin.py: hidden 256, 4 layers, intermediate
@@ -38,6 +39,23 @@ def matmul_gflops(m: int, k: int, n: int, reps: int = 5) -> float:
     a @ b  # warm-up
     best = min(_timed(lambda: a @ b) for _ in range(reps))
     return 2 * m * k * n / best / 1e9
+
+
+def chunk_ops(n: int = 256, H: int = 256, V: int = 151936) -> dict:
+    """Milliseconds (best of 5) of each operation _ChunkLogprobs.forward runs on one [n, V] chunk."""
+    h, w = torch.randn(n, H), torch.randn(V, H) * 0.05
+    z = h @ w.T
+    lse = torch.logsumexp(z, -1)
+    ops = {"matmul h @ W.T": lambda: h @ w.T, "divide by the temperature (in place)": lambda: z.div_(1.0),
+           "logsumexp": lambda: torch.logsumexp(z, -1),
+           "entropy: softmax(z).mul_(z).sum(-1)": lambda: torch.softmax(z, -1).mul_(z).sum(-1),
+           "amax": lambda: z.amax(-1), "subtract and exp": lambda: (z - lse[:, None]).exp_(),
+           "row dot product (p . z)": lambda: torch.linalg.vecdot(z, z)}
+    out = {}
+    for name, fn in ops.items():
+        fn()
+        out[name] = 1e3 * min(_timed(fn) for _ in range(5))
+    return out
 
 
 def _timed(fn) -> float:
@@ -123,8 +141,13 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="steps, the first a warm-up (at least 2)")
     ap.add_argument("--rows", type=int, default=151936,
                     help="vocabulary rows of the stand-in (0: its tokenizer's own, for a quick look)")
+    ap.add_argument("--ops", action="store_true", help="only time the operations of one update chunk")
     a = ap.parse_args()
     torch.manual_seed(0)
+    if a.ops:
+        for name, ms in chunk_ops().items():
+            print(f"{name}: {ms:.0f} ms on [256, 151936]")
+        return
     path = standin.standin_path(rows=a.rows)
     model, tok, _ = common.load_model_and_tokenizer(str(path), torch.device("cpu"))
     cfg = model.config

@@ -25,3 +25,18 @@ def test_bf16_master_shows_why_the_weights_are_float32():
     share = {r.split("|")[1].strip(): float(r.split("|")[2].strip().rstrip("%"))
              for r in p.stdout.splitlines() if r.startswith(("| bf16", "| float32"))}
     assert share["bf16"] < 10 and share["float32"] > 99
+
+
+def test_where_time_goes_runs_at_toy_size():
+    """bench/where_time_goes.py end to end on the small-vocabulary stand-in: every timed part is reported, and the
+    FLOPs the real tokens need never exceed what the padded shapes executed."""
+    p = run_script("bench/where_time_goes.py", "--prompts", "2", "--group", "2", "--new_tokens", "8", "--steps", "2",
+                   "--rows", "0", timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [ln.split(" | ") for ln in p.stdout.splitlines() if ln.startswith("| sample/") or ln.startswith("| update/")]
+    parts = {r[0][2:] for r in rows}
+    assert {"sample/decoder forward", "sample/LM head", "update/decoder backward", "update/vocab projection forward",
+            "update/vocab projection backward", "update/AdamW step"} <= parts
+    for r in rows:
+        if r[2] != "-":
+            assert float(r[3]) <= float(r[2]), r  # real <= executed GFLOP
