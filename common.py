@@ -34,10 +34,10 @@ MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer with
 
 @dataclass(frozen=True)
 class Example:
-    kind: str  # "countdown" | "arithmetic" | "math": picks the verifier
+    kind: str  # "countdown" | "arithmetic" | "sum" | "math": picks the verifier
     prompt: str  # plain-text prompt, used when the tokenizer has no chat template (the tiny model)
     question: str  # natural-language question, used inside a chat template
-    gold: str  # countdown "7,1,5->3"; arithmetic "82"; math the final answer
+    gold: str  # countdown "7,1,5->3"; arithmetic "82"; sum "18"; math the final answer
     solution: str = ""  # a worked solution rendered as a response the verifier accepts ("" if none)
 
 
@@ -75,7 +75,32 @@ def make_arithmetic(n: int, seed: int, digits: int = 2) -> list:
     return out
 
 
-BUILTIN_TASKS = {"countdown": (make_countdown, 3), "arithmetic": (make_arithmetic, 2)}
+def make_sum(n: int, seed: int, max_terms: int = 10) -> list:
+    """Sum 1 to `max_terms` digits (the count drawn uniformly), answered with the running sums: "Q:3,5,2,8 A:" ->
+    "8,10,18", the last one the answer. The worked answer grows with the input: 1 to ~25 tokens (with EOS 2 to ~26),
+    a length spread of over 10x, as ΔL (arXiv 2509.07558) is about. Distinct prompts; the few with 1-2 terms
+    (9 and 81 exist) are all used early, so the share of longer ones grows with n."""
+    rng, out, seen = np.random.default_rng(seed), [], set()
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        digits = [int(x) for x in rng.integers(1, 10, size=int(rng.integers(1, max_terms + 1)))]
+        if tuple(digits) in seen:
+            continue
+        seen.add(tuple(digits))
+        running = ",".join(str(x) for x in np.cumsum(digits))
+        listed, total = ",".join(map(str, digits)), str(sum(digits))
+        question = (f"Add up the digits {', '.join(map(str, digits))}, writing each running total, and put the "
+                    f"final total within \\boxed{{}}.")
+        out.append(Example("sum", f"Q:{listed} A:", question, total, running))
+    if len(out) < n:
+        raise ValueError(f"sum with up to {max_terms} terms has fewer than {n} distinct prompts: allow more terms")
+    return out
+
+
+# family -> (generator, default level, default response cap in tokens, warm-start steps of its tiny model)
+BUILTIN_TASKS = {"countdown": (make_countdown, 3, 12, 500), "arithmetic": (make_arithmetic, 2, 12, 500),
+                 "sum": (make_sum, 10, 32, 1000)}  # sum: 1,000 steps leave ~1/3 solved, 0.65 at 2 terms, 0.2 at 10
 
 
 def parse_task_name(task: str):
@@ -84,6 +109,12 @@ def parse_task_name(task: str):
     if family not in BUILTIN_TASKS:
         return task, None
     return family, int(level) if level else BUILTIN_TASKS[family][1]
+
+
+def default_max_new_tokens(task: str) -> int:
+    """The response cap when --max_new_tokens is 0: the built-in family's (room for its longest answer), else 512."""
+    family, level = parse_task_name(task)
+    return 512 if level is None else BUILTIN_TASKS[family][2]
 
 
 def _gsm8k_row(row: dict) -> tuple:
@@ -152,8 +183,8 @@ def load_task(task: str, n_train: int = None, n_test: int = 500, seed: int = 0):
         return rows[:-k], rows[-k:]
     files = {"gsm8k": ("gsm8k_train.jsonl", "gsm8k_test.jsonl"), "math500": (None, "math500_test.jsonl")}
     if task not in files:
-        raise ValueError(f"unknown task {task!r}: use countdown[:n], arithmetic[:digits], gsm8k, math500 or a .jsonl "
-                         "path")
+        raise ValueError(f"unknown task {task!r}: use countdown[:n], arithmetic[:digits], sum[:terms], gsm8k, math500 "
+                         "or a .jsonl path")
     train_f, test_f = (shared_data_dir() / f if f else None for f in files[task])
     if test_f.is_file():
         test = read_jsonl(test_f)
@@ -205,6 +236,12 @@ def verify_countdown(completion: str, gold: str) -> float:
     return float(value == int(target))
 
 
+def verify_sum(completion: str, gold: str) -> float:
+    """The last comma-separated number (the final running total) against the gold total. The running totals before
+    it are not checked: the reward is on the outcome only, as in RLVR."""
+    return verify_arithmetic(extract_answer(completion).rpartition(",")[2], gold)
+
+
 def verify_arithmetic(completion: str, gold: str) -> float:
     """The integer after removing ',' separators and leading zeros, compared as digits: int() refuses strings of
     more than 4,300 digits, and [0-9] keeps out the other scripts' digits that \\d and int() would accept."""
@@ -236,6 +273,8 @@ def score(example: Example, completion: str) -> float:
         return verify_countdown(completion, example.gold)
     if example.kind == "arithmetic":
         return verify_arithmetic(completion, example.gold)
+    if example.kind == "sum":
+        return verify_sum(completion, example.gold)
     return verify_math(completion, example.gold)
 
 
@@ -390,14 +429,16 @@ def tiny_cache_dir(family: str) -> Path:
     return cache_root() / f"tiny-{family}-v1"
 
 
-def build_tiny(family: str, out_dir=None, sft_steps: int = 500, seed: int = 0) -> Path:
-    """Build the embedded default for a built-in task family (~20 s on 2 cores) and save it in HF format.
-    It is warm-started on the family's default level (countdown:3, arithmetic:2) so a harder level exists that
-    it cannot solve at the start. Deterministic for a fixed seed on a given machine."""
+def build_tiny(family: str, out_dir=None, sft_steps: int = 0, seed: int = 0) -> Path:
+    """Build the embedded default for a built-in task family (~20 s on 2 cores; sum ~2.5 min) and save it in HF
+    format. It is warm-started on the family's default level (countdown:3, arithmetic:2, sum:10) so a harder level
+    exists that it cannot solve at the start (sum: long answers it mostly gets wrong). Deterministic for a fixed seed
+    on a given machine. sft_steps: 0 = the family's (BUILTIN_TASKS)."""
     out_dir = Path(out_dir or tiny_cache_dir(family))
     tok = tiny_tokenizer()
     train, _ = load_task(family, seed=seed)
-    model = warm_start(tiny_model(len(tok), seed=seed), tok, train, steps=sft_steps, seed=seed)
+    steps = sft_steps or BUILTIN_TASKS[family][3]
+    model = warm_start(tiny_model(len(tok), seed=seed), tok, train, steps=steps, seed=seed)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -1019,7 +1060,8 @@ def env_world() -> int:
 def task_ok(task: str) -> bool:
     family, _, level = task.partition(":")
     if family in BUILTIN_TASKS:  # countdown needs 2+ numbers; 10**19 overflows the generator's int64
-        return level == "" or level.isdigit() and (2 if family == "countdown" else 1) <= int(level) <= 18
+        hi = 10 if family == "sum" else 18  # sum: 10 terms' running totals fill the 32-token cap
+        return level == "" or level.isdigit() and (2 if family == "countdown" else 1) <= int(level) <= hi
     return task in ("gsm8k", "math500") or task.endswith(".jsonl") and Path(task).is_file()
 
 
@@ -1050,8 +1092,8 @@ def flag(v, a) -> bool:
 ARG_RULES = {
     "model": (lambda v, a: v == "tiny" or Path(v).expanduser().is_dir() or re.fullmatch(r"[\w.-]+(/[\w.-]+)?", v),
               "be 'tiny', a local model folder that exists, or a Hugging Face id such as Qwen/Qwen2.5-0.5B-Instruct"),
-    "task": (lambda v, a: task_ok(v), "be countdown[:2-18 numbers], arithmetic[:1-18 digits], gsm8k, math500 or the "
-                                      "path of a .jsonl file that exists"),
+    "task": (lambda v, a: task_ok(v), "be countdown[:2-18 numbers], arithmetic[:1-18 digits], sum[:1-10 terms], "
+                                      "gsm8k, math500 or the path of a .jsonl file that exists"),
     "backend": (lambda v, a: v in ("auto", "hf", "vllm"), "be auto, hf or vllm"),
     "vllm_gpu_memory": (lambda v, a: is_num(v) and 0 < v <= 1, "be a share of the GPU's memory, in (0, 1]"),
     "verify_workers": (lambda v, a: is_int(v) and v >= -1, "be -1 (auto), 0 (verify in the trainer) or a number of "
@@ -1062,6 +1104,7 @@ ARG_RULES = {
     "device": (lambda v, a: device_ok(v), "be auto, cpu, cuda or cuda:N for a GPU this machine has"),
     "dtype": (lambda v, a: v in ("auto", "float32", "bfloat16"), "be auto, float32 or bfloat16 (float16 would need "
                                                                   "loss scaling)"),
+    "sampler_dtype": (lambda v, a: v in ("auto", "float32", "bfloat16"), "be auto (= --dtype), float32 or bfloat16"),
     "fsdp": (flag, "be true or false"),
     "gradient_checkpointing": (flag, "be true or false"),
     "resume": (lambda v, a: flag(v, a) and not (v and a.overwrite), "be true or false, and not true together with "

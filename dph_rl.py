@@ -35,17 +35,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (ARG_RULES, Samples, Timer, Verifier, all_ranks_mean, all_ranks_sum, append_metrics, autocast,
-                    cache_root, check_args, claim_output_dir, collate, decode, drop_long_prompts, encode_prompts,
-                    evaluate, finite_weights, full_state, init_distributed, is_int, is_num, load_full_state,
-                    load_model_and_tokenizer, load_task, make_sampler, masked_mean, parse_task_name, pick_device,
-                    pick_dtype, read_checkpoint, resolve_model_path, save_checkpoint, save_final, stop_ids,
-                    stream_seeds, token_logprobs, truncate_metrics, wrap_policy)
+                    cache_root, check_args, claim_output_dir, collate, decode, default_max_new_tokens,
+                    drop_long_prompts, encode_prompts, evaluate, finite_weights, full_state, init_distributed, is_int,
+                    is_num, load_full_state, load_model_and_tokenizer, load_task, make_sampler, masked_mean,
+                    parse_task_name, pick_device, pick_dtype, read_checkpoint, resolve_model_path, save_checkpoint,
+                    save_final, stop_ids, stream_seeds, token_logprobs, truncate_metrics, wrap_policy)
 
 
 @dataclass
 class Args:
     model: str = "tiny"  # "tiny" (embedded default, built on first use), a Hugging Face id, or a local folder
-    task: str = "countdown"  # countdown[:n numbers], arithmetic[:digits], gsm8k, math500, or a .jsonl path
+    task: str = "countdown"  # countdown[:numbers], arithmetic[:digits], sum[:terms], gsm8k, math500, a .jsonl path
     backend: str = "auto"  # sampler: hf | vllm | auto (vLLM when it imports and the device is CUDA)
     vllm_gpu_memory: float = 0.3  # share of the GPU's memory vLLM may take beside the trainer
     verify_workers: int = -1  # verifier processes; -1 = 2 for math tasks (math-verify), 0 (in-process) for built-ins
@@ -55,6 +55,8 @@ class Args:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     dtype: str = "auto"  # compute dtype: auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16. The weights
     #                      and AdamW state are float32 in every case (bf16 runs under autocast)
+    sampler_dtype: str = "auto"  # the sampler's compute dtype; auto = dtype. bfloat16 beside a float32 trainer
+    #                              makes a real training-inference mismatch (its log-probs are still the behaviour's)
     fsdp: bool = False  # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2), not DDP
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less activation memory
     resume: bool = False  # continue from <output_dir>/checkpoint.pt
@@ -62,7 +64,7 @@ class Args:
     max_steps: int = 200  # RL steps (one rollout batch each)
     prompts_per_step: int = 32  # P: prompts per step, over all ranks
     group_size: int = 8  # G: responses per prompt
-    max_new_tokens: int = 0  # response cap; 0 = 12 for the built-in tasks, 512 otherwise
+    max_new_tokens: int = 0  # response cap; 0 = the task's (12 countdown/arithmetic, 32 sum), 512 otherwise
     max_prompt_len: int = 512  # longer prompts are skipped with a warning
     temperature: float = 1.0  # sampling temperature; the trainer's log-probs use the same
     lr: float = 0.0  # AdamW learning rate; 0 = 3e-4 for the tiny model, 1e-6 otherwise
@@ -267,7 +269,7 @@ def main(args: Args):
     dtype = pick_dtype(args.dtype, device)  # compute dtype; weights and AdamW state stay float32
     torch.manual_seed(args.seed)
     builtin = parse_task_name(args.task)[1] is not None
-    max_new = args.max_new_tokens or (12 if builtin else 512)
+    max_new = args.max_new_tokens or default_max_new_tokens(args.task)
     lr = args.lr or (3e-4 if args.model == "tiny" else 1e-6)
     eta = args.eta if args.eta >= 0 else {"js": 0.2, "forward_kl": 0.05, "alpha": 0.05}[args.divergence]  # DPH-RL
     if args.prompts_per_step % world:
@@ -288,7 +290,8 @@ def main(args: Args):
     test = drop_long_prompts(tok, test, max_prompt, "test", world)[: args.eval_prompts]
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
-    sampler = make_sampler(args.backend, path, tok, stop_ids(tok, model), max_prompt + max_new, dtype, device,
+    sampler_dtype = dtype if args.sampler_dtype == "auto" else pick_dtype(args.sampler_dtype, device)
+    sampler = make_sampler(args.backend, path, tok, stop_ids(tok, model), max_prompt + max_new, sampler_dtype, device,
                            args.vllm_gpu_memory, replicate=model if args.fsdp else None)
     policy = wrap_policy(model, world, args.fsdp, dtype)  # the model itself, DDP, or FSDP2 (then model is sharded)
     # fused: one kernel for the whole update (torch's CPU default loops over the tensors in Python: 5x slower)

@@ -13,8 +13,10 @@ Settings (each on its own warm-started tiny model, common.resolve_model_path("ti
   countdown       the tiny task itself at temperature 1: responses are almost all 6 tokens ("7+9-2" + EOS), so the
                   aggregations nearly coincide there (equal lengths make them equal up to a constant);
   countdown_t1.5  the same at temperature 1.5 (sampling and log-probs): ~10% of responses have 4-9 tokens;
-  arithmetic      the tiny arithmetic model: sums of two 2-digit numbers, 3 or 4 tokens with EOS (ratio 4:3).
-None of these has the 10-100x length spread of real RLVR; tests/test_delta_l.py covers that synthetically.
+  arithmetic      the tiny arithmetic model: sums of two 2-digit numbers, 3 or 4 tokens with EOS (ratio 4:3);
+  sum             the tiny sum model: running totals of 1-10 digits, 2 to ~26 tokens with EOS, the one setting with
+                  a length spread over 10x (as in real RLVR; tests/test_delta_l.py also covers it synthetically).
+M is the task's response cap (12; 32 for sum) unless --max_new_tokens is given.
 A few minutes on 2 CPU cores:
     python bench/delta_l_cv.py                       # --batches 40 --prompts 8 --group_size 8
 """
@@ -26,18 +28,21 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import (HFSampler, collate, decode, encode_prompts, load_model_and_tokenizer, load_task,  # noqa: E402
-                    resolve_model_path, score, stop_ids, stream_seeds, token_logprobs)
+from common import (HFSampler, collate, decode, default_max_new_tokens, encode_prompts,  # noqa: E402
+                    load_model_and_tokenizer, load_task, resolve_model_path, score, stop_ids, stream_seeds,
+                    token_logprobs)
 from delta_l import group_advantages, policy_loss  # noqa: E402
 
 MODES = [("grpo", 1.0), ("dapo", 1.0), ("dr_grpo", 1.0), ("delta_l", 0.5), ("delta_l", 1.0)]  # (mode, alpha)
-SETTINGS = {"countdown": ("countdown", 1.0), "countdown_t1.5": ("countdown", 1.5), "arithmetic": ("arithmetic", 1.0)}
+SETTINGS = {"countdown": ("countdown", 1.0), "countdown_t1.5": ("countdown", 1.5), "arithmetic": ("arithmetic", 1.0),
+            "sum": ("sum", 1.0)}
 
 
 def measure(task, temperature, args):
     model, tok, _ = load_model_and_tokenizer(resolve_model_path("tiny", task), torch.device("cpu"))
     model.eval()  # fixed parameters for every batch
     train = load_task(task)[0]
+    max_new = args.max_new_tokens or default_max_new_tokens(task)
     sampler, params = HFSampler(tok, stop_ids(tok, model)), [p for p in model.parameters() if p.requires_grad]
     n_par = sum(p.numel() for p in params)
     s1 = {m: torch.zeros(n_par, dtype=torch.float64) for m in MODES}  # sum of g over batches
@@ -46,7 +51,7 @@ def measure(task, temperature, args):
     for b in range(args.batches):
         rng = np.random.default_rng([args.seed, b])
         examples = [train[i] for i in rng.choice(len(train), args.prompts, replace=False)]
-        samples = sampler.generate(model, encode_prompts(tok, examples), args.group_size, args.max_new_tokens,
+        samples = sampler.generate(model, encode_prompts(tok, examples), args.group_size, max_new,
                                    temperature, stream_seeds((args.seed, "cv", b), args.prompts))
         per_seq = [e for e in examples for _ in range(args.group_size)]
         reward = torch.tensor([score(e, c) for e, c in zip(per_seq, decode(tok, samples.response_ids))])  # [B]
@@ -54,7 +59,7 @@ def measure(task, temperature, args):
         adv = group_advantages(reward, args.group_size)  # [B]
         logp = token_logprobs(model, batch, temperature)["logp"]  # [B, T]
         for m in MODES:
-            loss, _ = policy_loss(logp, logp.detach(), adv, batch["mask"], agg=m[0], max_len=args.max_new_tokens,
+            loss, _ = policy_loss(logp, logp.detach(), adv, batch["mask"], agg=m[0], max_len=max_new,
                                   alpha=m[1])
             g = torch.cat([x.flatten() for x in torch.autograd.grad(loss, params, retain_graph=True)]).double()
             s1[m] += g
@@ -77,7 +82,7 @@ def main():
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group_size", type=int, default=8)
-    ap.add_argument("--max_new_tokens", type=int, default=12)  # M: grpo.py's max_new for the built-in tasks
+    ap.add_argument("--max_new_tokens", type=int, default=0)  # M; 0 = the task's cap, as the trainers
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--settings", default=",".join(SETTINGS))
     args = ap.parse_args()
@@ -88,7 +93,7 @@ def main():
         print(f"{name}: {notes[name]}", flush=True)
     names = list(results)
     print(f"\nCV = ||std over {args.batches} batches|| / ||mean||, each batch {args.prompts} prompts x "
-          f"{args.group_size} samples, M = {args.max_new_tokens}; (corrected: ||mu||^2 = ||mean||^2 - tr Cov / n)\n")
+          f"{args.group_size} samples, M = the task's cap; (corrected: ||mu||^2 = ||mean||^2 - tr Cov / n)\n")
     print("| aggregation | " + " | ".join(f"CV {n} | CV {n} (corrected)" for n in names) + " |")
     print("|---|" + "---|---|" * len(names))
     for m in MODES:

@@ -24,17 +24,20 @@ METHODS = ["grpo", "dph_rl", "lp_reg", "rl_plus", "delta_l", "dppo", "grpo_mb4"]
 VARIANTS = {"grpo_mb4": ("grpo", ["--mini_batches", "4"])}  # GRPO at DPPO's 4 optimizer steps per rollout batch
 
 
-def run(method: str, seed: int, steps: int, eval_every: int, out: Path) -> list:
+def run(method: str, seed: int, steps: int, eval_every: int, out: Path, arms: dict = VARIANTS, env=None) -> list:
+    """One run of `method` (a trainer's name, or a key of `arms`: name -> (trainer, extra flags)), kept in out."""
     d = out / f"{method}_s{seed}"
     f = d / "metrics.jsonl"
     recs = [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
     if not recs or recs[-1].get("step") != steps or "eval/pass@1" not in recs[-1]:
         print(f"running {method} seed {seed} ...", flush=True)
-        file, extra = VARIANTS.get(method, (method, []))
-        subprocess.run([sys.executable, str(ROOT / f"{file}.py"), "--seed", str(seed), "--max_steps", str(steps),
-                        "--eval_every", str(eval_every), "--log_examples_every", "0", "--save_every", "100000",
-                        "--output_dir", str(d), "--overwrite", "true", *extra],  # an unfinished run: anew
-                       check=True, capture_output=True, cwd=ROOT)
+        file, extra = arms.get(method, (method, []))
+        res = subprocess.run([sys.executable, str(ROOT / f"{file}.py"), "--seed", str(seed), "--max_steps",
+                              str(steps), "--eval_every", str(eval_every), "--log_examples_every", "0", "--save_every",
+                              "100000", "--output_dir", str(d), "--overwrite", "true", *extra],  # unfinished: anew
+                             capture_output=True, text=True, cwd=ROOT, env=env)
+        if res.returncode:
+            raise SystemExit(f"{method} seed {seed} failed:\n{res.stderr[-3000:]}")
         recs = [json.loads(x) for x in f.read_text().splitlines()]
     return recs[1:]
 
@@ -56,15 +59,18 @@ def fmt(vals: list) -> str:
     return f"{m:.3f} ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else f"{m:.3f}"
 
 
-def plot(curves: dict, path: Path):
+KEYS = [("reward/mean", "training reward (10-step avg)"), ("eval/pass@1", "held-out pass@1"),
+        ("eval/pass@8", "held-out pass@8"), ("policy/entropy", "policy entropy (10-step avg)")]
+
+
+def plot(curves: dict, path: Path, keys: list = KEYS, title: str = None):
+    """One panel per (metric, title): the mean over seeds of each method; logged-every-step metrics smoothed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("reward/mean", "training reward (10-step avg)"), ("eval/pass@1", "held-out pass@1"),
-            ("eval/pass@8", "held-out pass@8"), ("policy/entropy", "policy entropy")]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.25 * len(keys), 3.6))
     for method, runs in curves.items():
         for ax, (key, title) in zip(axes, keys):
             by_step = {}
@@ -74,12 +80,14 @@ def plot(curves: dict, path: Path):
                         by_step.setdefault(r["step"], []).append(r[key])
             xs = sorted(by_step)
             ys = [statistics.mean(by_step[x]) for x in xs]
-            if key in ("reward/mean", "policy/entropy"):
+            if not key.startswith("eval"):
                 ys = [statistics.mean(ys[max(0, i - 9): i + 1]) for i in range(len(ys))]
             ax.plot(xs, ys, label=method, marker="o" if key.startswith("eval") else "", ms=3)
             ax.set_title(title)
             ax.set_xlabel("step")
     axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -92,6 +92,43 @@ def test_countdown_verifier_rejects_power_tower_fast():
     assert time.perf_counter() - t < 0.1
 
 
+def test_sum_answers_are_running_totals_spread_over_ten_fold_lengths(tok):
+    """The `sum` task: the worked answer is the running totals, its last one the gold total; every count of terms
+    1-10 occurs, answers (with EOS) span 2 to 20+ tokens within the 32-token cap, and prompt + cap fit the tiny
+    model's 64 positions. Splits disjoint, generation deterministic."""
+    train, test = common.load_task("sum", n_train=2000, n_test=200)
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
+    assert common.load_task("sum", n_train=2000, n_test=200)[1] == test
+    for e in train + test:
+        digits = [int(x) for x in e.prompt.removeprefix("Q:").removesuffix(" A:").split(",")]
+        assert [int(x) for x in e.solution.split(",")] == list(itertools.accumulate(digits))
+        assert e.gold == str(sum(digits)) and score(e, e.solution) == 1.0 and all(1 <= d <= 9 for d in digits)
+    assert {e.prompt.count(",") + 1 for e in train} == set(range(1, 11))
+    lens = [len(tok(e.solution, add_special_tokens=False)["input_ids"]) + 1 for e in train]  # + EOS
+    assert min(lens) == 2 and 20 <= max(lens) <= common.default_max_new_tokens("sum") == 32
+    assert max(len(tok(e.prompt)["input_ids"]) for e in train) + 32 <= 64
+    short, _ = common.load_task("sum:3", n_train=100, n_test=20)
+    assert max(e.prompt.count(",") + 1 for e in short) == 3
+
+
+def test_sum_with_too_few_distinct_prompts_fails_instead_of_looping():
+    with pytest.raises(ValueError, match="fewer than 100 distinct prompts"):
+        common.make_sum(100, 0, max_terms=1)  # 9 exist
+
+
+@pytest.mark.parametrize("completion,reward", [
+    ("3,8,10", 1), ("10", 1), ("\\boxed{10}", 1), ("The totals: 3, 8\n3,8,10", 1), ("3,8,010", 1),
+    ("3,8,11", 0), ("3,8,10,", 0), ("10,3", 0), ("1 0", 0), ("", 0)])
+def test_sum_verifier_checks_the_last_total_only(completion, reward):
+    assert score(Example("sum", "Q:3,5,2 A:", "", "10", "3,8,10"), completion) == reward
+
+
+@pytest.mark.parametrize("task,cap", [("countdown", 12), ("countdown:4", 12), ("arithmetic:3", 12), ("sum", 32),
+                                      ("sum:4", 32), ("gsm8k", 512), ("x.jsonl", 512)])
+def test_default_response_cap_per_task(task, cap):
+    assert common.default_max_new_tokens(task) == cap
+
+
 @pytest.mark.parametrize("completion,reward", [
     ("82", 1), (" 82 ", 1), ("\\boxed{82}", 1), ("so 37+45 is\n82", 1), ("83", 0), ("82.5", 0), ("8 2", 0), ("", 0)])
 def test_arithmetic_verifier(completion, reward):

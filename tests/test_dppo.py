@@ -258,6 +258,21 @@ def test_dppo_smoke(tiny_cache, tmp_path, extra):
     assert "masked" in p.stderr + p.stdout
 
 
+def test_a_bf16_sampler_beside_a_float32_trainer_is_a_real_mismatch_recorded_as_mu(tiny_cache, tmp_path):
+    """--sampler_dtype bfloat16: the rollouts come from bf16 numerics while the trainer computes pi in float32, so in
+    the first mini-batch (pi's weights = the sampler's) |pi - mu| is bf16 rounding, not zero; with the sampler in the
+    trainer's float32 it is float32 rounding. Regression: before --sampler_dtype the sampler always took --dtype."""
+    gap = {}
+    for sd in ("auto", "bfloat16"):
+        args = dppo.Args(output_dir=str(tmp_path / sd), prompts_per_step=4, group_size=4, eval_every=0, max_steps=1,
+                         mini_batches=1, log_examples_every=0, sampler_dtype=sd)
+        dppo.main(args)
+        rec = records(tmp_path / sd)
+        assert rec[0]["args"]["sampler_dtype"] == sd
+        gap[sd] = rec[-1]["policy/abs_pi_mu"]
+    assert gap["auto"] < 1e-5 < 1e-4 < gap["bfloat16"] < 0.05, gap
+
+
 # ---- several ranks: 2 gloo ranks compute what 1 process does on the same rows -------------------------------------
 # One rollout batch, two passes over it in one mini-batch each (--mini_batches 1: with N ranks a mini-batch of several
 # is a slice of each rank's own rows, so its rows could not match one process's). The second optimizer step starts

@@ -17,7 +17,7 @@ TRAINERS = ["grpo", "dph_rl", "lp_reg", "rl_plus", "delta_l", "dppo"]
 BAD = {  # a value each argument must refuse
     "model": "/no/such/model/folder", "task": "countdown:x", "backend": "tpu", "vllm_gpu_memory": 0.0,
     "verify_workers": -2, "verify_timeout": 0.0, "output_dir": __file__, "seed": -1, "device": "gpu",
-    "dtype": "float16", "fsdp": "yes", "gradient_checkpointing": 1, "resume": "no", "overwrite": None,
+    "dtype": "float16", "sampler_dtype": "float16", "fsdp": "yes", "gradient_checkpointing": 1, "resume": "no", "overwrite": None,
     "max_steps": -1, "prompts_per_step": 0, "group_size": 1, "max_new_tokens": -5, "max_prompt_len": 0,
     "temperature": 0.0, "lr": -1.0, "weight_decay": -0.1, "max_grad_norm": 0.0, "epochs": 0, "mini_batches": 0,
     "micro_batch_size": -1, "eps_low": 1.5, "eps_high": -0.1, "beta": math.nan, "scale_std": "true", "agg": "sum",
@@ -63,6 +63,27 @@ def test_a_bad_argument_is_refused_in_one_sentence_before_any_work(name, monkeyp
         msg = str(e.value)
         assert msg.startswith(f"--{f.name} ") and "must" in msg and "\n" not in msg, msg
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_sampler_dtype_reaches_the_sampler(name, tiny_cache, monkeypatch, tmp_path):
+    """--sampler_dtype picks the sampler's compute dtype (auto: the trainer's --dtype), in every trainer."""
+    mod, seen = trainer(name), []
+
+    class Built(Exception):
+        pass
+
+    def fake_sampler(backend, path, tok, stop, max_len, dtype, *a, **k):
+        seen.append(dtype)
+        raise Built
+
+    monkeypatch.setattr(mod, "make_sampler", fake_sampler)
+    for sd in ("auto", "bfloat16", "float32"):
+        with pytest.raises(Built):
+            mod.main(mod.Args(output_dir=str(tmp_path / sd), sampler_dtype=sd, dtype="float32"))
+    with pytest.raises(Built):
+        mod.main(mod.Args(output_dir=str(tmp_path / "bf16"), dtype="bfloat16"))
+    assert seen == [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
 
 
 def test_the_issue_s_examples_and_the_cross_checks(monkeypatch, tmp_path):
