@@ -64,7 +64,8 @@ KEYS = [("reward/mean", "training reward (10-step avg)"), ("eval/pass@1", "held-
 
 
 def plot(curves: dict, path: Path, keys: list = KEYS, title: str = None):
-    """One panel per (metric, title): the mean over seeds of each method; logged-every-step metrics smoothed."""
+    """One panel per (metric, label): the mean over seeds of each method (evaluations with a mean +- std band over
+    seeds; metrics logged every step smoothed over 10 steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,7 +73,7 @@ def plot(curves: dict, path: Path, keys: list = KEYS, title: str = None):
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.25 * len(keys), 3.6))
     for method, runs in curves.items():
-        for ax, (key, title) in zip(axes, keys):
+        for ax, (key, label) in zip(axes, keys):
             by_step = {}
             for recs in runs:
                 for r in recs:
@@ -82,8 +83,12 @@ def plot(curves: dict, path: Path, keys: list = KEYS, title: str = None):
             ys = [statistics.mean(by_step[x]) for x in xs]
             if not key.startswith("eval"):
                 ys = [statistics.mean(ys[max(0, i - 9): i + 1]) for i in range(len(ys))]
-            ax.plot(xs, ys, label=method, marker="o" if key.startswith("eval") else "", ms=3)
-            ax.set_title(title)
+            line, = ax.plot(xs, ys, label=method, marker="o" if key.startswith("eval") else "", ms=3)
+            if key.startswith("eval") and len(runs) > 1:  # the spread between seeds: mean +- std
+                sd = [statistics.stdev(by_step[x]) if len(by_step[x]) > 1 else 0.0 for x in xs]
+                ax.fill_between(xs, [y - d for y, d in zip(ys, sd)], [y + d for y, d in zip(ys, sd)],
+                                color=line.get_color(), alpha=0.15)
+            ax.set_title(label)
             ax.set_xlabel("step")
     axes[0].legend(fontsize=8)
     if title:
