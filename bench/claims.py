@@ -2,8 +2,8 @@
 against GRPO under the identical budget (same task, seeds, steps, prompts x samples, sampler), 3 seeds.
 
 pip install -r bench/requirements.txt
-python bench/claims.py dppo      # one experiment, under 15 min on 2 cores: delta_l, lp_reg, lp_reg_wide, dph_rl, dppo
-python bench/claims.py all       # all five, about 70 minutes
+python bench/claims.py dppo      # one experiment (under 15 min on 2 cores); the names are EXPERIMENTS' keys
+python bench/claims.py all       # all six, about an hour (runs already in --out are kept)
 
 The settings, and why each gives the paper's mechanism something to act on, are each experiment's `why` below.
 Every method keeps its paper's defaults; GRPO keeps grpo.py's. Two runs at a time, one thread each; finished runs
@@ -82,7 +82,7 @@ EXPERIMENTS = {
             "a negative advantage.",
         arms={"grpo_p128": ("grpo", ["--prompts_per_step", "128"]),
               "lp_reg_p128": ("lp_reg", ["--prompts_per_step", "128"])},
-        steps=200, eval_every=50,
+        steps=150, eval_every=50,
         keys=[("policy/entropy", "policy entropy"), ("eval/pass@1", "held-out pass@1"),
               ("eval/pass@16", "held-out pass@16"), ("policy/lp_selected", "Lp-Reg: regularised tokens a step")],
         cols=[("pass@1 after", after("eval/pass@1")), ("pass@16 before", before("eval/pass@16")),
