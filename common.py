@@ -458,7 +458,7 @@ def resolve_model_path(model: str, task: str) -> str:
         return model
     family, level = parse_task_name(task)
     if level is None:
-        raise ValueError(f"the embedded tiny model only knows the built-in tasks (countdown, arithmetic), not "
+        raise ValueError(f"the embedded tiny model only knows the built-in tasks ({', '.join(BUILTIN_TASKS)}), not "
                          f"{task!r}: pass --model with a Hugging Face id or a local folder")
     path = tiny_cache_dir(family)
     return str(path if path.exists() else build_tiny(family, path))
