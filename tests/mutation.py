@@ -24,7 +24,8 @@ WORK = ROOT / "runs" / "mutation"
 SOURCES = ["common.py", "grpo.py", "dph_rl.py", "lp_reg.py", "rl_plus.py", "delta_l.py", "dppo.py"]
 ALL_TRAINERS = ["group_advantages", "aggregate", "policy_loss", "micro_weight"]
 FUNCTIONS = {  # file -> the pure functions mutated (a method as Class.method)
-    "common": ["last_boxed", "extract_answer", "verify_countdown", "verify_arithmetic", "verify_math", "score",
+    "common": ["last_boxed", "extract_answer", "verify_countdown", "verify_arithmetic", "verify_sum", "verify_math",
+               "score", "parse_task_name", "default_max_new_tokens",
                "sample_tokens", "stream_seeds", "_upcast", "_ChunkLogprobs.forward", "_ChunkLogprobs.backward",
                "token_logprobs", "masked_mean", "pass_at_k", "pass_ks"],
     "grpo": ALL_TRAINERS,
@@ -240,6 +241,7 @@ def prepare():
     lines = ["[mutmut]", "source_paths =", *[f"    {f}" for f in SOURCES],
              "pytest_add_cli_args =", "    -m", "    not slow", "    -p", "    no:cacheprovider", "    -x",
              "    --ignore=tests/test_docs.py", "    --ignore=tests/test_layout.py",  # they read README and docs/
+             "    --ignore=tests/test_claims.py",  # it tests bench/claims.py (not copied), none of the mutated code
              "pytest_add_cli_args_test_selection =", "    tests/", "process_isolation = forkserver"]
     (WORK / "setup.cfg").write_text("\n".join(lines) + "\n")
 
